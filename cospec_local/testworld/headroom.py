@@ -1,0 +1,185 @@
+"""Headroom of a draft/target pair on a task family: how much a perfect arbiter could gain.
+
+For each held-out problem:
+1. target-only greedy completion, draft-only greedy completion;
+2. the FIRST position where the draft's greedy token differs from the target's (the draft reads the
+   target's completion, so both saw the same prefix);
+3. oracle arbiter: keep the draft's token there, then continue with target greedy decoding. The
+   oracle is correct when the target-only answer or this swapped continuation is correct: an upper
+   bound for a policy that arbitrates only the first disagreement.
+
+Also measures the per-token decode cost of a model in llama.cpp (`decode_cost_ms`).
+Drives llama.cpp through `llama_cpp.Llama` directly (models here are tiny, a few ms per problem).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cospec_local.testworld.gguf_export import EOS_ID, CharVocab
+from cospec_local.testworld.tasks import Problem, check, problems
+
+MAX_NEW_TOKENS = 200  # the longest reference solution is ~110 characters
+
+
+def load_model(path: str | Path, n_threads: int = 1, n_ctx: int = 512):
+    """A llama_cpp.Llama for a test-world GGUF (logits for the last row only)."""
+    import llama_cpp  # heavy import, only where models are run
+
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads,
+                           n_threads_batch=n_threads, logits_all=False, verbose=False)
+
+
+def last_argmax(model) -> int:
+    """Greedy token after everything evaluated so far."""
+    return int(np.argmax(model.scores[model.n_tokens - 1]))
+
+
+def greedy_continue(model, prefix_ids: list[int], max_new: int = MAX_NEW_TOKENS) -> list[int]:
+    """Target-style greedy decoding from a fresh context: new tokens after `prefix_ids`, EOS excluded."""
+    model.reset()
+    model.eval(prefix_ids)
+    new_ids: list[int] = []
+    for _ in range(max_new):
+        token = last_argmax(model)
+        if token == EOS_ID:
+            break
+        new_ids.append(token)
+        model.eval([token])
+    return new_ids
+
+
+def first_disagreement(model, prompt_ids: list[int], reference_ids: list[int]) -> tuple[int, int] | None:
+    """(position, model's token) of the first place where `model`'s greedy choice differs from
+    `reference_ids` (a completion of `prompt_ids` that ends with an implicit EOS); None if it never does."""
+    model.reset()
+    model.eval(prompt_ids)
+    for position, reference in enumerate(reference_ids + [EOS_ID]):
+        token = last_argmax(model)
+        if token != reference:
+            return position, token
+        if reference != EOS_ID:
+            model.eval([reference])
+    return None
+
+
+@dataclass
+class ProblemOutcome:
+    """What happened on one problem."""
+
+    target_correct: bool
+    draft_correct: bool
+    disagreement_position: int | None
+    swapped_correct: bool  # equals target_correct when the two never disagree
+
+    @property
+    def oracle_correct(self) -> bool:
+        return self.target_correct or self.swapped_correct
+
+
+def evaluate_problem(problem: Problem, target, draft, vocab: CharVocab) -> ProblemOutcome:
+    """Run target-only, draft-only and the first-disagreement swap on one problem."""
+    prompt_ids = vocab.encode(problem.prompt, add_bos=True)
+    target_ids = greedy_continue(target, prompt_ids)
+    draft_ids = greedy_continue(draft, prompt_ids)
+    target_correct = check(problem.family, vocab.decode(target_ids), problem.answer)
+    draft_correct = check(problem.family, vocab.decode(draft_ids), problem.answer)
+    found = first_disagreement(draft, prompt_ids, target_ids)
+    if found is None:
+        return ProblemOutcome(target_correct, draft_correct, None, target_correct)
+    position, draft_token = found
+    if draft_token == EOS_ID:  # the draft would stop here: the completion ends at this position
+        swapped_ids = target_ids[:position]
+    else:
+        forced = target_ids[:position] + [draft_token]
+        swapped_ids = forced + greedy_continue(target, prompt_ids + forced,
+                                               max_new=MAX_NEW_TOKENS - len(forced))
+    swapped_correct = check(problem.family, vocab.decode(swapped_ids), problem.answer)
+    return ProblemOutcome(target_correct, draft_correct, position, swapped_correct)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass
+class HeadroomReport:
+    """Accuracies (fractions) and disagreement statistics on `n` problems of one family."""
+
+    family: str
+    n: int
+    target_accuracy: float
+    draft_accuracy: float
+    oracle_accuracy: float
+    oracle_gain_points: float
+    disagreements: int
+    swap_fixes: int  # target wrong, swapped continuation right
+    swap_breaks: int  # target right, swapped continuation wrong
+    target_interval: tuple[float, float]
+    oracle_interval: tuple[float, float]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure_headroom(target_path: str | Path, draft_path: str | Path, family: str, n: int = 500,
+                     start: int = 0, n_threads: int = 1, progress: bool = False) -> HeadroomReport:
+    """Target-only, draft-only and oracle-arbiter accuracy on eval problems `start..start+n-1`."""
+    vocab = CharVocab()
+    target, draft = load_model(target_path, n_threads), load_model(draft_path, n_threads)
+    items = problems(family, "eval", n, start=start)
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc=f"headroom {family}")
+    outcomes = [evaluate_problem(problem, target, draft, vocab) for problem in items]
+    target_hits = sum(o.target_correct for o in outcomes)
+    oracle_hits = sum(o.oracle_correct for o in outcomes)
+    return HeadroomReport(
+        family=family, n=n,
+        target_accuracy=target_hits / n,
+        draft_accuracy=sum(o.draft_correct for o in outcomes) / n,
+        oracle_accuracy=oracle_hits / n,
+        oracle_gain_points=100.0 * (oracle_hits - target_hits) / n,
+        disagreements=sum(o.disagreement_position is not None for o in outcomes),
+        swap_fixes=sum((not o.target_correct) and o.swapped_correct for o in outcomes),
+        swap_breaks=sum(o.target_correct and not o.swapped_correct for o in outcomes),
+        target_interval=wilson_interval(target_hits, n),
+        oracle_interval=wilson_interval(oracle_hits, n),
+    )
+
+
+def decode_cost_ms(path: str | Path, n_threads: int = 2, n_steps: int = 200, repeats: int = 5) -> float:
+    """Median over `repeats` of the mean time (ms) of one single-token `llama_decode` (last-row
+    logits), after a 20-token prompt. Calls llama_decode directly so Python wrapper work is excluded."""
+    import llama_cpp
+
+    model = load_model(path, n_threads=n_threads)
+    prompt = CharVocab().encode("Q: 4571+3689=?\n1+9+")
+    token_buffer = (llama_cpp.llama_token * 1)()
+    means = []
+    for _ in range(repeats):
+        model.reset()
+        model.eval(prompt)  # fills the KV cache for positions 0..19
+        memory = llama_cpp.llama_get_memory(model.ctx)
+        started = time.perf_counter()
+        for step in range(n_steps):
+            token_buffer[0] = prompt[1 + step % (len(prompt) - 1)]
+            batch = llama_cpp.llama_batch_get_one(token_buffer, 1)
+            if llama_cpp.llama_decode(model.ctx, batch) != 0:
+                raise RuntimeError("llama_decode failed while timing")
+        means.append((time.perf_counter() - started) * 1e3 / n_steps)
+        llama_cpp.llama_memory_clear(memory, True)
+    return statistics.median(means)

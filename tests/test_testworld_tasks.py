@@ -1,0 +1,96 @@
+"""Task generators and checkers: seeded, disjoint train/eval seeds, right/wrong/malformed answers."""
+
+import json
+
+import pytest
+
+from cospec_local.testworld.tasks import (
+    FAMILIES,
+    SPLIT_SEED_BASE,
+    SPLIT_SIZE,
+    check,
+    extract_answer,
+    load_jsonl_tasks,
+    make_add_problem,
+    make_problem,
+    problems,
+)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generators_are_deterministic_by_seed(family):
+    assert problems(family, "eval", 30) == problems(family, "eval", 30)
+    assert problems(family, "train", 5, start=7) == problems(family, "train", 12)[7:]
+    assert len({p.prompt for p in problems(family, "train", 30)}) > 20  # seeds change the problem
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_train_and_eval_seed_ranges_are_disjoint(family):
+    train_seeds = {p.seed for p in problems(family, "train", 200)}
+    eval_seeds = {p.seed for p in problems(family, "eval", 200)}
+    assert not train_seeds & eval_seeds
+    assert all(SPLIT_SEED_BASE["train"] <= s < SPLIT_SEED_BASE["train"] + SPLIT_SIZE for s in train_seeds)
+    assert all(s >= SPLIT_SEED_BASE["eval"] for s in eval_seeds)
+    with pytest.raises(ValueError):
+        problems(family, "train", 2, start=SPLIT_SIZE - 1)  # would run into the eval seeds
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reference_solutions_pass_their_checker(family):
+    for problem in problems(family, "eval", 200):
+        assert problem.solution.endswith(f"ANSWER: {problem.answer}\n")
+        assert check(family, problem.solution, problem.answer)
+
+
+def test_add_answers_are_the_sums_and_steps_show_carries():
+    for problem in problems("add", "eval", 200):
+        a, b = problem.prompt.removeprefix("Q: ").removesuffix("=?\n").split("+")
+        assert int(problem.answer) == int(a) + int(b)
+        assert len(problem.solution.splitlines()) == len(a) + 1  # one line per column + answer
+    problem = make_problem("add", 0)
+    assert problem.prompt.startswith("Q: ") and problem.solution.splitlines()[0].count("+") == 2
+
+
+def test_count_answers_are_letter_counts():
+    for problem in problems("count", "eval", 200):
+        letter, text = problem.prompt.removeprefix("Q: count ").removesuffix("=?\n").split(" in ")
+        assert int(problem.answer) == text.count(letter)
+
+
+def test_carry_prob_controls_carry_density():
+    def carry_share(carry_prob):
+        lines = [line for seed in range(300)
+                 for line in make_add_problem(seed, carry_prob=carry_prob).solution.splitlines()[:-1]]
+        return sum(int(line.split("=")[1]) >= 10 for line in lines) / len(lines)
+
+    assert carry_share(0.0) == 0.0
+    assert carry_share(1.0) == 1.0
+    assert carry_share(0.15) < 0.25 < carry_share(None)
+
+
+def test_checker_right_wrong_and_malformed():
+    assert check("add", "1+2+0=03\nANSWER: 3\n", "3")
+    assert check("add", "ANSWER:3", "3")
+    assert check("count", "a1 b1\nANSWER: 1\n\n", "1")
+    assert not check("add", "1+2+0=03\nANSWER: 4\n", "3")  # wrong
+    assert not check("add", "1+2+0=03\n", "3")  # no answer line
+    assert not check("add", "ANSWER: 3x", "3")  # malformed number
+    assert not check("add", "ANSWER: ", "3")
+    assert not check("count", "ANSWER: 3\nANSWER: 2", "3")  # the last answer line counts
+    assert check("count", "ANSWER: 2\nANSWER: 3", "3")
+    assert extract_answer("no answer here") is None
+
+
+def test_load_jsonl_tasks(tmp_path):
+    path = tmp_path / "tasks.jsonl"
+    path.write_text(json.dumps({"prompt": "Capital of France?", "answer": "Paris"}) + "\n\n"
+                    + json.dumps({"prompt": "2+2", "answer": 4, "family": "add"}) + "\n")
+    tasks = load_jsonl_tasks(path)
+    assert [(t.family, t.prompt, t.answer) for t in tasks] == [
+        ("jsonl", "Capital of France?", "Paris"), ("add", "2+2", "4")]
+    assert check(tasks[0].family, "ANSWER: Paris", tasks[0].answer)
+    assert not check(tasks[0].family, "ANSWER: Lyon", tasks[0].answer)
+    assert check(tasks[1].family, "ANSWER: 4", tasks[1].answer)
+    path.write_text(json.dumps({"prompt": "no answer"}) + "\n")
+    with pytest.raises(ValueError, match=":1:"):
+        load_jsonl_tasks(path)
