@@ -1,0 +1,26 @@
+"""cospec-local: speculative and collaborative decoding of GGUF model pairs on llama.cpp."""
+
+from .api import ChatSession, GenerationResult, Pair, load_pair
+from .config import GenerationConfig
+from .engine import DoneEvent, GenerationStats, TokenEvent
+from .errors import (
+    ContextOverflowError,
+    CospecError,
+    IncompatiblePairError,
+    ModelLoadError,
+    RollbackError,
+)
+from .sampling import SamplingParams
+
+__all__ = [
+    "ChatSession", "ContextOverflowError", "CospecError", "DoneEvent", "GenerationConfig",
+    "GenerationResult", "GenerationStats", "IncompatiblePairError", "ModelLoadError", "Pair",
+    "RollbackError", "SamplingParams", "TokenEvent", "default_pair", "load_pair",
+]
+
+
+def default_pair(**kwargs):
+    """(draft_path, target_path) of the default pair, built on first use (see models.default_pair)."""
+    from models.default_pair import default_pair as _default_pair
+
+    return _default_pair(**kwargs)

@@ -1,0 +1,330 @@
+"""The only module that talks to llama.cpp (through llama-cpp-python's low-level ctypes API).
+
+A `LlamaModel` owns one GGUF model, one context and one sequence (seq 0). The rest of the package
+sees a small interface:
+
+- `eval(tokens, n_logits)`: append `tokens` to the KV cache in one `llama_decode` (chunked only when
+  longer than n_batch) and return logits for the LAST `n_logits` rows only. Asking for fewer rows
+  matters: every output row costs a full pass of the output head (262k wide for Gemma).
+- `rollback(n_keep)`: drop every cached position >= n_keep (`llama_memory_seq_rm`).
+- `tokenize`, `token_bytes`, `detokenize`, metadata and special tokens.
+
+Host memory is O(n_batch x n_vocab) for logits, never O(n_ctx x n_vocab): we never set logits_all.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ContextOverflowError, ModelLoadError, RollbackError
+
+GGUF_MAGIC = b"GGUF"
+
+_backend_ready = False
+_log_verbose = False
+_log_last_shown = False
+# ggml's log levels in the llama.cpp this package is built on: DEBUG=1 INFO=2 WARN=3 ERROR=4 CONT=5.
+_GGML_LOG_ERROR = 4
+_GGML_LOG_CONT = 5
+
+
+def _log_callback(level, text, user_data):
+    # Show llama.cpp's errors always, its chatter only with verbose=True; CONT lines follow their head.
+    global _log_last_shown
+    show = _log_last_shown if level == _GGML_LOG_CONT else (_log_verbose or level >= _GGML_LOG_ERROR)
+    _log_last_shown = show
+    if show:
+        sys.stderr.write(text.decode("utf-8", "replace"))
+
+
+_log_callback_c = None
+
+
+def _init_backend(verbose: bool) -> None:
+    """Initialise llama.cpp once per process and install our log filter."""
+    global _backend_ready, _log_verbose, _log_callback_c
+    import llama_cpp
+
+    _log_verbose = verbose
+    if not _backend_ready:
+        _log_callback_c = llama_cpp.llama_log_callback(_log_callback)  # keep a reference: C holds it
+        llama_cpp.llama_log_set(_log_callback_c, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+
+
+def default_threads() -> int:
+    """Threads for llama.cpp: all cores on small machines, half the logical CPUs on big ones (SMT)."""
+    n = os.cpu_count() or 1
+    return n if n <= 4 else max(4, n // 2)
+
+
+def check_gguf_file(path: str | os.PathLike) -> Path:
+    """Return `path` as a Path if it is an existing GGUF file, else raise ModelLoadError."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelLoadError(f"model file not found: {p}")
+    if not p.is_file():
+        raise ModelLoadError(f"model path is not a file: {p}")
+    with p.open("rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelLoadError(f"not a GGUF file (bad magic {magic!r}): {p}")
+    return p
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load one model: context size, threads and GPU offload."""
+
+    n_ctx: int = 4096
+    n_threads: int | None = None
+    n_gpu_layers: int = 0
+    n_batch: int = 512
+    verbose: bool = False
+
+
+class LlamaModel:
+    """One GGUF model with its own llama.cpp context holding a single sequence."""
+
+    def __init__(self, path: str | os.PathLike, options: LoadOptions = LoadOptions()):
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self.path = check_gguf_file(path)
+        self.options = options
+        _init_backend(options.verbose)
+
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = options.n_gpu_layers
+        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_params)
+        if not self._model:
+            raise ModelLoadError(f"llama.cpp could not load {self.path} (run with --verbose for its log)")
+
+        n_threads = options.n_threads or default_threads()
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = options.n_ctx
+        ctx_params.n_batch = options.n_batch
+        ctx_params.n_ubatch = options.n_batch
+        ctx_params.n_seq_max = 1
+        ctx_params.n_threads = n_threads
+        ctx_params.n_threads_batch = n_threads
+        # A full-size sliding-window cache: with the pruned SWA cache, rolling back a rejected draft
+        # could leave positions the next token must attend to already evicted.
+        ctx_params.swa_full = True
+        self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+            raise ModelLoadError(f"llama.cpp could not create a context of {options.n_ctx} tokens for {self.path}")
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self.n_batch = options.n_batch
+        self.n_threads = n_threads
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        # Rows the output head produces; can differ from the tokenizer's size in odd conversions.
+        self.n_logits_width = self.n_vocab
+        self.n_past = 0  # tokens currently in the KV cache
+
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._batch_token = np.ctypeslib.as_array(self._batch.token, shape=(self.n_batch,))
+        self._batch_pos = np.ctypeslib.as_array(self._batch.pos, shape=(self.n_batch,))
+        self._batch_logits = np.ctypeslib.as_array(
+            ctypes.cast(self._batch.logits, ctypes.POINTER(ctypes.c_int8)), shape=(self.n_batch,)
+        )
+        n_seq_id = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(self.n_batch,))
+        n_seq_id[:] = 1
+        for i in range(self.n_batch):
+            self._batch.seq_id[i][0] = 0
+        self._piece_cache: dict[int, bytes] = {}
+        self.metadata = self._read_metadata()
+
+    # -- lifetime -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free the context, batch and model (safe to call twice)."""
+        lib = self._lib
+        if getattr(self, "_ctx", None):
+            lib.llama_batch_free(self._batch)
+            lib.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            lib.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- metadata ---------------------------------------------------------------------------------
+    def _read_metadata(self) -> dict[str, str]:
+        lib = self._lib
+        out: dict[str, str] = {}
+        key_buf = ctypes.create_string_buffer(256)
+        for i in range(lib.llama_model_meta_count(self._model)):
+            n = lib.llama_model_meta_key_by_index(self._model, i, key_buf, len(key_buf))
+            key = key_buf.value.decode("utf-8", "replace") if n >= 0 else ""
+            size = lib.llama_model_meta_val_str_by_index(self._model, i, None, 0)
+            if size < 0:
+                continue
+            val_buf = ctypes.create_string_buffer(size + 1)
+            lib.llama_model_meta_val_str_by_index(self._model, i, val_buf, size + 1)
+            out[key] = val_buf.value.decode("utf-8", "replace")
+        return out
+
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template stored in the GGUF, or None for base models."""
+        return self.metadata.get("tokenizer.chat_template")
+
+    @property
+    def vocab_type(self) -> int:
+        return int(self._lib.llama_vocab_type(self._vocab))
+
+    @property
+    def bos_id(self) -> int:
+        return int(self._lib.llama_vocab_bos(self._vocab))
+
+    @property
+    def eos_id(self) -> int:
+        return int(self._lib.llama_vocab_eos(self._vocab))
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(self._lib.llama_vocab_get_add_bos(self._vocab))
+
+    def is_eog(self, token: int) -> bool:
+        """True for end-of-generation tokens (EOS, EOT, <end_of_turn>, ...)."""
+        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+
+    def eog_ids(self) -> np.ndarray:
+        """All end-of-generation token ids (scans the vocabulary once)."""
+        is_eog = self._lib.llama_vocab_is_eog
+        return np.array([t for t in range(self.n_vocab) if is_eog(self._vocab, t)], dtype=np.int32)
+
+    def token_text(self, token: int) -> str:
+        """The vocabulary entry of `token` as stored in the GGUF (e.g. '▁the', '<0x0A>')."""
+        raw = self._lib.llama_vocab_get_text(self._vocab, token)
+        return raw.decode("utf-8", "replace") if raw else ""
+
+    def token_attr(self, token: int) -> int:
+        return int(self._lib.llama_vocab_get_attr(self._vocab, token))
+
+    def n_params(self) -> int:
+        return int(self._lib.llama_model_n_params(self._model))
+
+    def n_layer(self) -> int:
+        return int(self._lib.llama_model_n_layer(self._model))
+
+    # -- text ---------------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
+        """Token ids of `text`; `add_bos` adds BOS when the model asks for it; `special` parses
+        control-token text such as '<start_of_turn>'."""
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (self._lib.llama_token * n_max)()
+        n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos, special)
+        if n < 0:
+            n_max = -n
+            buf = (self._lib.llama_token * n_max)()
+            n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos, special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes `token` renders to (cached: called once per emitted token)."""
+        piece = self._piece_cache.get(token)
+        if piece is None:
+            buf = ctypes.create_string_buffer(64)
+            n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            piece = buf.raw[:n]
+            self._piece_cache[token] = piece
+        return piece
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """Text of `tokens` (special tokens are not rendered)."""
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", "replace")
+
+    # -- evaluation -----------------------------------------------------------------------------------
+    def eval(self, tokens: list[int] | np.ndarray, n_logits: int = 1) -> np.ndarray:
+        """Append `tokens` to the KV cache and return logits of the last `n_logits` rows.
+
+        The result has shape (n_logits, n_vocab) and is a VIEW of llama.cpp's output buffer: valid
+        until the next `eval`. Copy the rows you keep. `n_logits=0` returns an empty array.
+        """
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("eval needs at least one token")
+        if not 0 <= n_logits <= min(n, self.n_batch):
+            raise ValueError(f"n_logits={n_logits} must be in [0, min(len(tokens)={n}, n_batch={self.n_batch})]")
+        if self.n_past + n > self.n_ctx:
+            raise ContextOverflowError(
+                f"context overflow: {self.n_past} cached + {n} new tokens > n_ctx={self.n_ctx} "
+                f"({self.path.name}); start a new chat or raise --ctx-size"
+            )
+        lib = self._lib
+        tokens = np.asarray(tokens, dtype=np.int32)
+        # All logit rows must sit in the last decode call: the last chunk is the last n_batch tokens.
+        last_len = min(n, self.n_batch)
+        starts = list(range(0, n - last_len, self.n_batch)) + [n - last_len]
+        for i, start in enumerate(starts):
+            end = starts[i + 1] if i + 1 < len(starts) else n
+            m = end - start
+            self._batch_token[:m] = tokens[start:end]
+            self._batch_pos[:m] = np.arange(self.n_past, self.n_past + m, dtype=np.int32)
+            self._batch_logits[:m] = 0
+            if end == n and n_logits:
+                self._batch_logits[m - n_logits : m] = 1
+            self._batch.n_tokens = m
+            rc = lib.llama_decode(self._ctx, self._batch)
+            if rc != 0:
+                self._resync_after_failure()
+                if rc == 1:
+                    raise ContextOverflowError(f"llama.cpp found no KV slot for {m} tokens ({self.path.name})")
+                raise RuntimeError(f"llama_decode failed with code {rc} ({self.path.name})")
+            self.n_past += m
+        if n_logits == 0:
+            return np.empty((0, self.n_vocab), dtype=np.float32)
+        ptr = lib.llama_get_logits_ith(self._ctx, -n_logits)
+        return np.ctypeslib.as_array(ptr, shape=(n_logits, self.n_vocab))
+
+    def _resync_after_failure(self) -> None:
+        # After a fatal decode some ubatches may remain cached: trust llama.cpp's own position.
+        pos_max = self._lib.llama_memory_seq_pos_max(self._mem, 0)
+        self.n_past = int(pos_max) + 1
+
+    def rollback(self, n_keep: int) -> None:
+        """Remove cached positions >= n_keep so the next `eval` continues after token n_keep - 1."""
+        if n_keep < 0:
+            raise ValueError("n_keep must be >= 0")
+        ok = self._lib.llama_memory_seq_rm(self._mem, 0, n_keep, -1)
+        if not ok:
+            raise RollbackError(
+                f"{self.path.name}: llama.cpp cannot remove part of this model's memory (recurrent or "
+                "hybrid architecture); speculative decoding needs a model whose KV cache can roll back"
+            )
+        # Ask llama.cpp rather than trust our count: an interrupt between llama_decode returning and
+        # our bookkeeping must not leave stale positions behind.
+        self.n_past = min(n_keep, int(self._lib.llama_memory_seq_pos_max(self._mem, 0)) + 1)
+
+    def reset(self) -> None:
+        """Empty the KV cache."""
+        self._lib.llama_memory_clear(self._mem, True)
+        self.n_past = 0

@@ -1,0 +1,60 @@
+"""Chat prompts: the model's own template (GGUF metadata, Jinja) or a plain transcript for base
+models, turned into tokens incrementally so each turn evaluates only its new text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+FALLBACK_STOP = ("\nUser:",)
+
+
+def render_fallback(messages: list[dict], add_generation_prompt: bool) -> str:
+    """A transcript that base models continue sensibly: 'User: ...\\nAssistant: ...'."""
+    parts = []
+    for m in messages:
+        role, content = m["role"], m["content"]
+        if role == "system":
+            parts.append(f"{content}\n\n")
+        elif role == "user":
+            parts.append(f"User: {content}\n")
+        else:
+            parts.append(f"Assistant: {content.strip()}\n")
+    if add_generation_prompt:
+        parts.append("Assistant:")
+    return "".join(parts)
+
+
+@dataclass
+class ChatTemplate:
+    """Renders a message list to prompt text; `stop` are extra stop strings for replies."""
+
+    render: Callable[[list[dict], bool], str]
+    stop: tuple[str, ...]
+    name: str
+
+    @classmethod
+    def for_model(cls, jinja_source: str | None, bos_text: str = "", eos_text: str = "") -> "ChatTemplate":
+        if not jinja_source:
+            return cls(render_fallback, FALLBACK_STOP, "fallback (User:/Assistant: transcript)")
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, loader=jinja2.BaseLoader())
+
+        def raise_exception(message):
+            raise jinja2.TemplateError(message)
+
+        template = env.from_string(jinja_source)
+
+        def render(messages, add_generation_prompt):
+            # The BOS token is added by the tokenizer, not by the template text.
+            return template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token="",
+                eos_token=eos_text,
+                raise_exception=raise_exception,
+            )
+
+        return cls(render, (), "model (GGUF tokenizer.chat_template)")

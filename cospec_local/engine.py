@@ -1,0 +1,407 @@
+"""The decoding loop: a draft model proposes, the target verifies a whole run in one batch.
+
+Terms (see also `verify`): the *context* is the list of committed token ids, in TARGET ids. Each
+model's KV cache holds a prefix of the context (`model.n_past` tokens); the tokens after it are
+*pending* and are evaluated at the start of the model's next call, so a model that sat out a few
+steps catches up in one batch instead of re-evaluating everything.
+
+One speculative cycle:
+  1. draft: evaluate its pending tokens, then propose x_1..x_k one at a time (k from the draft-length
+     policy; drafting stops early when the draft's top probability falls under `draft_p_min`);
+  2. target: evaluate [pending..., x_1..x_k] in ONE llama_decode, logits for the last k+1 rows only;
+  3. verifier: keep x_1..x_m and choose the next token (correction or bonus);
+  4. roll both KV caches back to the committed prefix;
+  5. emit x_1..x_m and the next token as events, committing each to the context as it is emitted.
+With k = 0 a cycle is a plain target step (the draft-length policy backs off to that when the draft
+does not pay for itself).
+
+Invariant at every yield: every cached position of both models holds the committed token of that
+position. A consumer that stops early (break, Ctrl-C, a stop string) therefore leaves the engine
+ready for the next call; `finally` trims any cache that ran ahead of the context.
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from .config import GenerationConfig
+from .errors import ContextOverflowError
+from .pair import TokenMap
+from .sampling import logits_to_probs, sample
+from .verify import DRAFT, TARGET, GreedyVerifier, RejectionVerifier, Verdict, Verifier
+
+
+@dataclass
+class TokenEvent:
+    """One emitted token. `text` is the text it adds (may be empty while a UTF-8 character or a
+    possible stop string is incomplete); `source` is DRAFT, TARGET or ARBITRATED."""
+
+    token: int
+    text: str
+    source: str
+
+
+@dataclass
+class GenerationStats:
+    """Counts and timings of one generate/stream call (seconds)."""
+
+    n_prompt: int = 0
+    n_generated: int = 0
+    n_cycles: int = 0  # verification cycles with at least one draft token
+    n_target_steps: int = 0  # cycles with k = 0 (target alone)
+    n_drafted: int = 0
+    n_accepted: int = 0
+    accepted_lengths: list[int] = field(default_factory=list)
+    t_prefill: float = 0.0
+    t_decode: float = 0.0
+    t_draft: float = 0.0
+    t_target: float = 0.0
+    finish_reason: str = ""
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.n_accepted / self.n_drafted if self.n_drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Mean number of draft tokens accepted per verification cycle."""
+        return float(np.mean(self.accepted_lengths)) if self.accepted_lengths else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second of decoding (prompt prefill excluded)."""
+        return self.n_generated / self.t_decode if self.t_decode > 0 else 0.0
+
+    @property
+    def t_overhead(self) -> float:
+        """Decode time spent outside llama.cpp calls: Python work, sampling, bookkeeping."""
+        return max(self.t_decode - self.t_draft - self.t_target, 0.0)
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "accepted_lengths"}
+        d.update(
+            acceptance_rate=self.acceptance_rate,
+            mean_accepted_length=self.mean_accepted_length,
+            tokens_per_second=self.tokens_per_second,
+            t_overhead=self.t_overhead,
+            overhead_share=self.t_overhead / self.t_decode if self.t_decode else 0.0,
+            accepted_lengths=list(self.accepted_lengths),
+        )
+        return d
+
+
+@dataclass
+class DoneEvent:
+    """The last event of a stream: why it ended and the run's statistics."""
+
+    finish_reason: str  # "stop" (EOS or stop string), "length" (max_tokens), "context" (n_ctx full)
+    stats: GenerationStats
+
+
+class AdaptiveDraftLength:
+    """Chooses k for the next cycle from measured acceptance and costs.
+
+    Model: with per-token acceptance alpha, a cycle drafting k tokens yields
+    (1 - alpha^(k+1)) / (1 - alpha) tokens and costs k * t_draft + t_verify(k + 1), where
+    t_verify(n) = a + b * n is fitted online to the target's measured call times. We pick the k in
+    [0, k_max] with the lowest expected time per token; k = 0 is a plain target step. While k = 0
+    wins, a one-token probe every `probe_every` steps keeps alpha current; the interval doubles while
+    probes keep failing, so a useless draft costs a few percent at most.
+    """
+
+    def __init__(self, k_max: int, adaptive: bool = True, decay: float = 0.9):
+        self.k_max = k_max
+        self.adaptive = adaptive
+        self.decay = decay
+        # Acceptance counts with a prior of 0.8 worth two observations: start by drafting.
+        self.successes, self.failures = 1.6, 0.4
+        self.t_draft = None  # seconds per draft step (EMA)
+        # Decayed sufficient statistics of (rows, seconds) for the target's call-time line.
+        self._s = np.zeros(5)  # sum w, w*n, w*n^2, w*t, w*n*t
+        self.steps_since_probe = 0
+        self.probe_every = 4
+
+    @property
+    def alpha(self) -> float:
+        return self.successes / (self.successes + self.failures)
+
+    def verify_time(self, n_rows: int) -> float:
+        s0, sn, snn, st, snt = self._s
+        if s0 <= 0:
+            return 0.0
+        mean_n, mean_t = sn / s0, st / s0
+        var = snn / s0 - mean_n**2
+        # Until two row counts have been seen, assume each extra row costs 10% of a call.
+        slope = (snt / s0 - mean_n * mean_t) / var if var > 0.25 else 0.1 * mean_t / max(mean_n, 1)
+        slope = max(slope, 0.0)
+        return max(mean_t + slope * (n_rows - mean_n), 1e-6)
+
+    def choose(self) -> int:
+        if not self.adaptive:
+            return self.k_max
+        if self.t_draft is None or self._s[0] <= 0:
+            return self.k_max
+        alpha = min(self.alpha, 0.999)
+        best_k, best_cost = 0, self.verify_time(1)
+        for k in range(1, self.k_max + 1):
+            expected_tokens = (1 - alpha ** (k + 1)) / (1 - alpha)
+            cost = (k * self.t_draft + self.verify_time(k + 1)) / expected_tokens
+            if cost < best_cost:
+                best_k, best_cost = k, cost
+        if best_k == 0:
+            self.steps_since_probe += 1
+            if self.steps_since_probe >= self.probe_every:
+                self.steps_since_probe = 0
+                self.probe_every = min(self.probe_every * 2, 64)
+                return 1
+        else:
+            self.probe_every = 4
+        return best_k
+
+    def observe_target(self, n_rows: int, seconds: float) -> None:
+        self._s *= self.decay
+        self._s += (1.0, n_rows, n_rows * n_rows, seconds, n_rows * seconds)
+
+    def observe_draft_step(self, seconds: float) -> None:
+        self.t_draft = seconds if self.t_draft is None else 0.8 * self.t_draft + 0.2 * seconds
+
+    def observe_acceptance(self, n_proposed: int, n_accepted: int) -> None:
+        self.successes = self.decay * self.successes + n_accepted
+        self.failures = self.decay * self.failures + (1 if n_accepted < n_proposed else 0)
+
+
+class TextStream:
+    """Incremental detokenizer with stop strings: returns the text that is safe to show now,
+    holding back a tail that could still turn into a stop string."""
+
+    def __init__(self, stop: tuple[str, ...]):
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.stop = tuple(s for s in stop if s)
+        self._held = ""
+        self.stopped = False
+
+    def push(self, data: bytes) -> str:
+        text = self._held + self._decoder.decode(data)
+        for s in self.stop:
+            i = text.find(s)
+            if i >= 0:
+                self.stopped = True
+                self._held = ""
+                return text[:i]
+        keep = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:n]):
+                    keep = max(keep, n)
+                    break
+        self._held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep]
+
+    def flush(self) -> str:
+        out, self._held = self._held + self._decoder.decode(b"", final=True), ""
+        return out
+
+
+class Engine:
+    """Decodes with a target and an optional draft, keeping both KV caches across calls.
+
+    `context` is the committed token list; `stream(context_tokens, config)` first reuses the longest
+    cached prefix of `context_tokens` (a chat turn re-evaluates only the new text).
+    """
+
+    def __init__(self, target, draft=None, token_map: TokenMap | None = None):
+        self.target = target
+        self.draft = draft
+        self.token_map = token_map
+        self.context: list[int] = []
+        self._eog = set(target.eog_ids().tolist())
+        self.n_ctx = target.n_ctx if draft is None else min(target.n_ctx, draft.n_ctx)
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _draft_ids(self, target_ids: list[int]) -> list[int]:
+        return target_ids if self.token_map is None else self.token_map.to_draft(target_ids)
+
+    def _to_target(self, draft_id: int) -> int:
+        return draft_id if self.token_map is None else self.token_map.to_target(draft_id)
+
+    def _trim_caches(self) -> None:
+        """Roll every cache back to at most the committed context (one place for rewinds)."""
+        for model in (self.target, self.draft):
+            if model is not None:
+                model.rollback(min(model.n_past, len(self.context)))
+
+    def _prepare(self, context_tokens: list[int]) -> int:
+        """Make `context_tokens` the context, keeping the longest cached common prefix."""
+        if not context_tokens:
+            raise ValueError("the prompt is empty: give at least one token")
+        if len(context_tokens) >= self.n_ctx:
+            raise ContextOverflowError(
+                f"the prompt has {len(context_tokens)} tokens but the context holds {self.n_ctx}; "
+                "shorten it, start a new chat or raise --ctx-size"
+            )
+        common = 0
+        for a, b in zip(self.context, context_tokens):
+            if a != b:
+                break
+            common += 1
+        # The last prompt token is always re-evaluated: its logits start the reply.
+        keep = min(common, len(context_tokens) - 1)
+        for model in (self.target, self.draft):
+            if model is not None and model.n_past > keep:
+                model.rollback(keep)
+        self.context = list(context_tokens)
+        return len(context_tokens) - keep
+
+    def reset(self) -> None:
+        """Forget the context and empty both caches."""
+        self.context = []
+        for model in (self.target, self.draft):
+            if model is not None:
+                model.reset()
+
+    # -- the loop ----------------------------------------------------------------------------------------
+    def stream(
+        self, context_tokens: list[int], config: GenerationConfig, verifier: Verifier | None = None
+    ) -> Iterator[TokenEvent | DoneEvent]:
+        """Generate after `context_tokens`, yielding a TokenEvent per token and a final DoneEvent."""
+        if config.mode != "target" and self.draft is None:
+            raise ValueError(f"mode {config.mode!r} needs a draft model")
+        params = config.sampling
+        rng = np.random.default_rng(params.seed)
+        if verifier is None:
+            verifier = GreedyVerifier() if params.greedy else RejectionVerifier(params)
+        stats = GenerationStats(n_prompt=len(context_tokens))
+        n_new = self._prepare(context_tokens)
+        policy = AdaptiveDraftLength(config.draft_max, config.adaptive)
+        text = TextStream(config.stop)
+        eog = self._eog
+        target, draft = self.target, self.draft
+
+        finish = "length"
+        t_start = time.perf_counter()
+        try:
+            # Prefill: everything but the last prompt token, without logits.
+            t0 = time.perf_counter()
+            if n_new > 1:
+                target.eval(self.context[target.n_past : -1], 0)
+                if draft is not None and config.mode != "target":
+                    draft.eval(self._draft_ids(self.context[draft.n_past : -1]), 0)
+            stats.t_prefill = time.perf_counter() - t0
+            t_decode0 = time.perf_counter()
+
+            while stats.n_generated < config.max_tokens:
+                room = self.n_ctx - len(self.context)
+                if room <= 0:
+                    finish = "context"
+                    break
+                if config.mode == "draft":
+                    new_tokens, sources = self._draft_step(params, rng, stats)
+                else:
+                    k = 0 if config.mode == "target" else min(policy.choose(), room - 1)
+                    new_tokens, sources = self._cycle(k, config, params, rng, verifier, policy, stats)
+                for token, source in zip(new_tokens, sources):
+                    if token in eog:
+                        finish = "stop"
+                        break
+                    self.context.append(token)
+                    stats.n_generated += 1
+                    piece = text.push(target.token_bytes(token))
+                    yield TokenEvent(token, piece, source)
+                    if text.stopped:
+                        finish = "stop"
+                        break
+                    if stats.n_generated >= config.max_tokens:
+                        break
+                if finish == "stop":
+                    break
+            tail = text.flush() if not text.stopped else ""
+            if tail:
+                yield TokenEvent(-1, tail, TARGET)
+            stats.t_decode = time.perf_counter() - t_decode0
+        finally:
+            self._trim_caches()
+            if not stats.t_decode:
+                stats.t_decode = time.perf_counter() - t_start - stats.t_prefill
+        stats.finish_reason = finish
+        yield DoneEvent(finish, stats)
+
+    def _draft_step(self, params, rng, stats) -> tuple[list[int], list[str]]:
+        """Draft alone: one token from the draft's own distribution."""
+        t0 = time.perf_counter()
+        row = self.draft.eval(self._draft_ids(self.context[self.draft.n_past :]), 1)[0]
+        stats.t_draft += time.perf_counter() - t0
+        draft_id = int(np.argmax(row)) if params.greedy else sample(logits_to_probs(row, params), rng)
+        return [self._to_target(draft_id)], [DRAFT]
+
+    def _cycle(self, k, config, params, rng, verifier, policy, stats) -> tuple[list[int], list[str]]:
+        """One draft-then-verify cycle (k = 0: a plain target step). Returns the tokens to emit."""
+        target, draft = self.target, self.draft
+        n_committed = len(self.context)
+
+        # 1. Draft k tokens (fewer if its confidence drops).
+        draft_tokens: list[int] = []
+        draft_rows: list[np.ndarray | None] = []
+        if k > 0:
+            t0 = time.perf_counter()
+            feed = self._draft_ids(self.context[draft.n_past :])
+            n_calls = 0
+            for _ in range(k):
+                row = draft.eval(feed, 1)[0]
+                n_calls += 1
+                if params.greedy:
+                    draft_id = int(np.argmax(row))
+                    top_prob = 1.0 / float(np.exp(row - row[draft_id]).sum())
+                    draft_rows.append(None)
+                else:
+                    probs = logits_to_probs(row, params)
+                    draft_id = sample(probs, rng)
+                    top_prob = float(probs.max())
+                    draft_rows.append(
+                        probs if self.token_map is None else self.token_map.scatter_to_target(probs, target.n_vocab)
+                    )
+                draft_tokens.append(self._to_target(draft_id))
+                feed = [draft_id]
+                if top_prob < config.draft_p_min:
+                    break
+            dt = time.perf_counter() - t0
+            stats.t_draft += dt
+            policy.observe_draft_step(dt / n_calls)
+
+        # 2. Target scores [pending..., x_1..x_k] in one batch, k + 1 logit rows.
+        t0 = time.perf_counter()
+        n_rows = len(draft_tokens) + 1
+        pending = self.context[target.n_past :]
+        target_logits = target.eval(pending + draft_tokens, n_rows)
+        dt = time.perf_counter() - t0
+        stats.t_target += dt
+        if len(pending) == 1:  # a catch-up batch would distort the cost model
+            policy.observe_target(n_rows, dt)
+
+        # 3. Verify.
+        if draft_tokens:
+            verdict = verifier.verify(draft_tokens, draft_rows, target_logits, rng)
+            stats.n_cycles += 1
+            stats.n_drafted += len(draft_tokens)
+            stats.n_accepted += verdict.num_accepted
+            stats.accepted_lengths.append(verdict.num_accepted)
+            policy.observe_acceptance(len(draft_tokens), verdict.num_accepted)
+        else:
+            row = target_logits[0]
+            token = int(np.argmax(row)) if params.greedy else sample(logits_to_probs(row, params), rng)
+            verdict = Verdict(0, token, False)
+            stats.n_target_steps += 1
+
+        # 4. Roll back whatever was evaluated beyond the accepted prefix.
+        n_keep = n_committed + verdict.num_accepted
+        target.rollback(n_keep)
+        if draft is not None and draft.n_past > n_keep:
+            draft.rollback(n_keep)
+
+        # 5. The tokens to emit, with their provenance.
+        accepted = draft_tokens[: verdict.num_accepted]
+        return accepted + [verdict.next_token], verdict.accepted_sources + [TARGET]

@@ -1,0 +1,127 @@
+"""Checking that a draft and a target can decode together, and mapping token ids between them.
+
+Two drafts are supported:
+- same vocabulary as the target (checked token by token, like llama.cpp's own check);
+- a vocabulary-trimmed draft made by `cospec-local make-draft`, which stores the target id of each of
+  its tokens in the GGUF metadata key `cospec.draft_to_target`. Target tokens the draft lacks are fed
+  to the draft as its unknown token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import IncompatiblePairError
+
+DRAFT_TO_TARGET_KEY = "cospec.draft_to_target"
+SOURCE_VOCAB_KEY = "cospec.source_vocab_size"
+VOCAB_TYPES = {0: "none", 1: "SPM", 2: "BPE", 3: "WPM", 4: "UGM", 5: "RWKV", 6: "PLaMo2"}
+
+
+@dataclass
+class TokenMap:
+    """Id translation between a draft and its target. `draft_to_target[i]` is the target id of
+    draft token i; `target_to_draft[t]` the draft id of target token t (the draft's unknown token
+    when it lacks t)."""
+
+    draft_to_target: np.ndarray
+    target_to_draft: np.ndarray
+    n_missing: int  # target tokens with no draft id
+
+    @classmethod
+    def from_draft_ids(cls, draft_to_target: np.ndarray, n_target_vocab: int, draft_unk: int) -> "TokenMap":
+        d2t = np.asarray(draft_to_target, dtype=np.int64)
+        t2d = np.full(n_target_vocab, draft_unk, dtype=np.int64)
+        t2d[d2t] = np.arange(len(d2t))
+        return cls(d2t, t2d, int(n_target_vocab - len(np.unique(d2t))))
+
+    def to_draft(self, target_ids) -> list[int]:
+        return self.target_to_draft[np.asarray(target_ids, dtype=np.int64)].tolist()
+
+    def to_target(self, draft_id: int) -> int:
+        return int(self.draft_to_target[draft_id])
+
+    def scatter_to_target(self, draft_row: np.ndarray, n_target_vocab: int) -> np.ndarray:
+        """A draft-vocabulary distribution as a target-vocabulary row (zeros where the draft lacks a token)."""
+        out = np.zeros(n_target_vocab, dtype=np.float64)
+        out[self.draft_to_target] = draft_row
+        return out
+
+
+def read_draft_map(path) -> np.ndarray | None:
+    """The `cospec.draft_to_target` array of a GGUF, or None. (llama.cpp does not expose array
+    metadata, so this reads the file with the gguf package.)"""
+    import gguf
+
+    field = gguf.GGUFReader(path).fields.get(DRAFT_TO_TARGET_KEY)
+    if field is None:
+        return None
+    return np.concatenate([field.parts[i] for i in field.data]).astype(np.int64)
+
+
+@dataclass
+class PairReport:
+    """What the pair check found, for `cospec-local info`."""
+
+    target_vocab: int
+    draft_vocab: int
+    vocab_type: str
+    trimmed: bool
+    n_missing: int
+    token_map: TokenMap | None
+
+
+def check_pair(draft, target) -> PairReport:
+    """Raise IncompatiblePairError naming the first difference, else describe the pair.
+
+    `draft` and `target` are `backend.LlamaModel`s (anything with the same vocabulary methods).
+    """
+    dname, tname = draft.path.name, target.path.name
+    if draft.vocab_type != target.vocab_type:
+        raise IncompatiblePairError(
+            f"tokenizer types differ: draft {dname} uses {VOCAB_TYPES.get(draft.vocab_type, draft.vocab_type)}, "
+            f"target {tname} uses {VOCAB_TYPES.get(target.vocab_type, target.vocab_type)}"
+        )
+    # make-draft also writes this scalar key, which llama.cpp does expose: skip parsing other drafts.
+    d2t = read_draft_map(draft.path) if SOURCE_VOCAB_KEY in draft.metadata else None
+    token_map = None
+    if d2t is not None:
+        if len(d2t) != draft.n_vocab:
+            raise IncompatiblePairError(
+                f"{dname}: {DRAFT_TO_TARGET_KEY} has {len(d2t)} entries but the draft has {draft.n_vocab} tokens"
+            )
+        if d2t.min() < 0 or d2t.max() >= target.n_vocab:
+            raise IncompatiblePairError(
+                f"{dname}: its token map points outside the target's vocabulary of {target.n_vocab} tokens "
+                f"(was it made from another model than {tname}?)"
+            )
+        unk = int(draft.metadata.get("tokenizer.ggml.unknown_token_id", 0))
+        token_map = TokenMap.from_draft_ids(d2t, target.n_vocab, unk)
+        pairs = ((i, int(d2t[i])) for i in range(draft.n_vocab))
+    else:
+        if draft.n_vocab != target.n_vocab:
+            raise IncompatiblePairError(
+                f"vocabulary sizes differ: draft {dname} has {draft.n_vocab} tokens, target {tname} has "
+                f"{target.n_vocab}, and the draft carries no token map (make one with `cospec-local make-draft`)"
+            )
+        pairs = ((i, i) for i in range(draft.n_vocab))
+    for d_id, t_id in pairs:
+        d_text, t_text = draft.token_text(d_id), target.token_text(t_id)
+        if d_text != t_text:
+            raise IncompatiblePairError(
+                f"vocabularies differ: draft token {d_id} is {d_text!r} but target token {t_id} is {t_text!r}"
+            )
+    for role, d_id, t_id in (("BOS", draft.bos_id, target.bos_id), ("EOS", draft.eos_id, target.eos_id)):
+        mapped = d_id if token_map is None or d_id < 0 else token_map.to_target(d_id)
+        if mapped != t_id:
+            raise IncompatiblePairError(f"{role} tokens differ: draft {dname} has {d_id}, target {tname} has {t_id}")
+    return PairReport(
+        target_vocab=target.n_vocab,
+        draft_vocab=draft.n_vocab,
+        vocab_type=VOCAB_TYPES.get(target.vocab_type, str(target.vocab_type)),
+        trimmed=token_map is not None,
+        n_missing=token_map.n_missing if token_map else 0,
+        token_map=token_map,
+    )
