@@ -127,7 +127,7 @@ class LlamaModel:
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
 
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
-        self.n_batch = options.n_batch
+        self.n_batch = llama_cpp.llama_n_batch(self._ctx)  # llama.cpp caps it at n_ctx
         self.n_threads = n_threads
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         # Rows the output head produces; can differ from the tokenizer's size in odd conversions.

@@ -26,7 +26,10 @@ class GenerationConfig:
     top_k: int = _opt(40, "Keep the k most likely tokens (0 = off).")
     top_p: float = _opt(0.95, "Nucleus sampling mass (1.0 = off).")
     min_p: float = _opt(0.05, "Drop tokens below min_p x the top probability (0 = off).")
-    seed: int | None = _opt(None, "Random seed (default: fresh entropy).")
+    seed: int | None = _opt(
+        None, "Random seed (default: fresh entropy). Reproduces tokens exactly with --no-adaptive; "
+        "the adaptive draft length follows timings, so with it a seed fixes only the distribution."
+    )
     stop: tuple[str, ...] = _opt((), "Stop when this string is generated (repeatable).")
     mode: str = _opt("spec", "Decoding mode: spec, target or draft.")
     draft_max: int = _opt(8, "Maximum draft tokens per verification (k).", flag="-k/--draft-max")

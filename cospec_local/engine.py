@@ -56,7 +56,8 @@ class GenerationStats:
     n_target_steps: int = 0  # cycles with k = 0 (target alone)
     n_drafted: int = 0
     n_accepted: int = 0
-    accepted_lengths: list[int] = field(default_factory=list)
+    accepted_lengths: list[int] = field(default_factory=list)  # per cycle: draft tokens accepted
+    draft_lengths: list[int] = field(default_factory=list)  # per cycle: draft tokens proposed
     t_prefill: float = 0.0
     t_decode: float = 0.0
     t_draft: float = 0.0
@@ -83,7 +84,7 @@ class GenerationStats:
         return max(self.t_decode - self.t_draft - self.t_target, 0.0)
 
     def as_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k != "accepted_lengths"}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("accepted_lengths", "draft_lengths")}
         d.update(
             acceptance_rate=self.acceptance_rate,
             mean_accepted_length=self.mean_accepted_length,
@@ -91,6 +92,7 @@ class GenerationStats:
             t_overhead=self.t_overhead,
             overhead_share=self.t_overhead / self.t_decode if self.t_decode else 0.0,
             accepted_lengths=list(self.accepted_lengths),
+            draft_lengths=list(self.draft_lengths),
         )
         return d
 
@@ -389,6 +391,7 @@ class Engine:
             stats.n_drafted += len(draft_tokens)
             stats.n_accepted += verdict.num_accepted
             stats.accepted_lengths.append(verdict.num_accepted)
+            stats.draft_lengths.append(len(draft_tokens))
             policy.observe_acceptance(len(draft_tokens), verdict.num_accepted)
         else:
             row = target_logits[0]

@@ -1,0 +1,298 @@
+"""`cospec-local`: the command line. It only parses flags and renders engine events."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from cospec_local.config import GenerationConfig, MODES, config_fields
+from cospec_local.errors import CospecError
+
+DIM_GREEN = "\x1b[32m"
+RESET = "\x1b[0m"
+
+
+def _handle_errors(fn):
+    """Turn our errors and bad values into one clear line and exit status 1 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (CospecError, ValueError) as e:
+            raise click.ClickException(str(e)) from e
+
+    return wrapper
+
+
+def model_options(fn):
+    """--draft/--target and how to load them."""
+    options = [
+        click.option("--draft", type=click.Path(dir_okay=False), help="Draft GGUF (default: the default pair's draft)."),
+        click.option("--target", type=click.Path(dir_okay=False), help="Target GGUF (default: Gemma 3 270M)."),
+        click.option("--target-ngl", type=int, default=0, show_default=True, help="Target layers offloaded to the GPU."),
+        click.option("--draft-ngl", type=int, default=0, show_default=True, help="Draft layers offloaded to the GPU."),
+        click.option("--ctx-size", type=int, default=4096, show_default=True, help="Context size (tokens) of each model."),
+        click.option("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: all cores, or half on big machines)."),
+        click.option("--verbose", is_flag=True, help="Show llama.cpp's log."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def generation_options(fn):
+    """One flag per GenerationConfig field, defaults taken from it."""
+    for name, default, help_text, flag in reversed(config_fields()):
+        decls = flag.split("/") if flag else ["--" + name.replace("_", "-")]
+        if name == "stop":
+            opt = click.option(*decls, name, multiple=True, help=help_text)
+        elif name == "mode":
+            opt = click.option(*decls, name, type=click.Choice(MODES), default=None, help=help_text + f" [default: {default}]")
+        elif isinstance(default, bool):
+            opt = click.option(f"--{name}/--no-{name}", default=None, help=help_text + f" [default: {default}]")
+        else:
+            kind = type(default) if default is not None else int
+            opt = click.option(*decls, name, type=kind, default=None, help=help_text + f" [default: {default}]")
+        fn = opt(fn)
+    return fn
+
+
+def build_config(base: GenerationConfig, kwargs: dict) -> GenerationConfig:
+    names = [name for name, *_ in config_fields()]
+    changes = {n: kwargs.pop(n) for n in names if n in kwargs}
+    if not changes.get("stop"):
+        changes.pop("stop", None)
+    else:
+        changes["stop"] = tuple(changes["stop"])
+    return base.with_(**changes)
+
+
+def open_pair(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose, need_draft=True):
+    """Load the requested pair; with no model flags, the default pair (built on first use)."""
+    from cospec_local import default_pair, load_pair
+
+    if target is None and draft is None:
+        draft, target = default_pair()
+    elif target is None:
+        raise click.UsageError("--draft needs --target")
+    if draft is None and need_draft:
+        raise click.UsageError("this mode needs a draft: pass --draft, or --mode target")
+    return load_pair(
+        draft, target, n_ctx=ctx_size, n_threads=threads, target_ngl=target_ngl, draft_ngl=draft_ngl, verbose=verbose
+    )
+
+
+def format_stats(stats) -> str:
+    s = stats
+    parts = [
+        f"{s.n_generated} tokens in {s.t_decode:.2f}s ({s.tokens_per_second:.1f} tok/s)",
+        f"prompt {s.n_prompt} tokens ({s.t_prefill:.2f}s)",
+    ]
+    if s.n_drafted:
+        parts.append(
+            f"acceptance {s.acceptance_rate:.1%}, mean accepted {s.mean_accepted_length:.2f}/cycle, "
+            f"{s.n_cycles} cycles + {s.n_target_steps} target steps"
+        )
+    parts.append(f"time: draft {s.t_draft:.2f}s, target {s.t_target:.2f}s, python {s.t_overhead:.2f}s")
+    return " | ".join(parts)
+
+
+@click.group()
+@click.version_option(package_name="cospec-local")
+def cli():
+    """Speculative and collaborative decoding of GGUF model pairs on llama.cpp."""
+
+
+@cli.command()
+@model_options
+@generation_options
+@click.option("--system", default=None, help="System message.")
+@click.option("--color/--no-color", default=None, help="Colour draft-accepted tokens (default: on a terminal).")
+@_handle_errors
+def chat(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose, system, color, **kwargs):
+    """Interactive chat (reads messages from stdin when piped). Commands: /stats /reset /exit."""
+    config = build_config(GenerationConfig(), kwargs)
+    pair = open_pair(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose, need_draft=config.mode != "target")
+    if pair.draft is None:
+        config = config.with_(mode="target")
+    session = pair.chat(system)
+    interactive = sys.stdin.isatty()
+    color = sys.stdout.isatty() if color is None else color
+    last_stats = None
+    if interactive:
+        click.echo(f"cospec-local chat ({config.mode} mode, template: {session.template.name}). /stats /reset /exit", err=True)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            break
+        message = line.strip()
+        if not message:
+            continue
+        if message in ("/exit", "/quit"):
+            break
+        if message == "/reset":
+            session.reset()
+            click.echo("(conversation reset)", err=True)
+            continue
+        if message == "/stats":
+            click.echo(format_stats(last_stats) if last_stats else "(no reply yet)", err=True)
+            continue
+        try:
+            for event in session.send(message, config):
+                if hasattr(event, "stats"):
+                    last_stats = event.stats
+                elif event.text:
+                    text = event.text
+                    if color and event.source != "target":
+                        text = DIM_GREEN + text + RESET
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(RESET if color else "")
+            click.echo("\n(interrupted)", err=True)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    pair.close()
+
+
+@cli.command()
+@click.argument("prompt", required=False)
+@click.option("--prompt-file", type=click.File("r"), help="Read the prompt from a file ('-' for stdin).")
+@model_options
+@generation_options
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object with the text and stats.")
+@_handle_errors
+def generate(prompt, prompt_file, draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose, as_json, **kwargs):
+    """Complete PROMPT. Prints only the completion on stdout; statistics go to stderr."""
+    if prompt_file is not None:
+        prompt = prompt_file.read()
+    if not prompt:
+        raise click.UsageError("give a PROMPT or --prompt-file")
+    config = build_config(GenerationConfig(), kwargs)
+    pair = open_pair(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose, need_draft=config.mode != "target")
+    if pair.draft is None:
+        config = config.with_(mode="target")
+    try:
+        if as_json:
+            result = pair.generate(prompt, config)
+            click.echo(json.dumps({"text": result.text, "finish_reason": result.finish_reason, "stats": result.stats.as_dict()}))
+            return
+        stats = None
+        try:
+            for event in pair.stream(prompt, config):
+                if hasattr(event, "stats"):
+                    stats = event.stats
+                else:
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+        except KeyboardInterrupt:
+            click.echo("\n(interrupted)", err=True)
+        sys.stdout.write("\n")
+        if stats is not None:
+            click.echo(format_stats(stats), err=True)
+    finally:
+        pair.close()
+
+
+@cli.command()
+@model_options
+@_handle_errors
+def info(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose):
+    """Report on a pair: vocabularies, token map, sizes, chat template."""
+    pair = open_pair(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose, need_draft=False)
+    for role, model in (("target", pair.target), ("draft", pair.draft)):
+        if model is None:
+            continue
+        click.echo(
+            f"{role}: {model.path}\n  {model.metadata.get('general.architecture', '?')}, {model.n_params() / 1e6:.1f}M params, "
+            f"{model.n_layer()} layers, vocab {model.n_vocab}, n_ctx {model.n_ctx}, {model.n_threads} threads"
+        )
+    r = pair.report
+    if r is not None:
+        click.echo(f"pair: compatible ({r.vocab_type} tokenizer)")
+        if r.trimmed:
+            click.echo(f"  trimmed draft vocabulary: {r.draft_vocab} of {r.target_vocab} tokens ({r.n_missing} target tokens map to the draft's unknown token)")
+        else:
+            click.echo("  identical vocabularies")
+    click.echo(f"chat template: {'from the GGUF' if pair.target.chat_template else 'none (fallback User:/Assistant: transcript)'}")
+    pair.close()
+
+
+@cli.command("make-draft")
+@click.argument("source", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the draft GGUF.")
+@click.option("--vocab-size", default=16384, show_default=True, help="Number of frequent tokens to keep (special and byte tokens are added).")
+@click.option("--corpus", "corpus", multiple=True, type=click.Path(exists=True, dir_okay=False), help="Text file(s) to count token frequencies on (default: the shipped corpus).")
+@click.option("--drop-layers", default="", help="Comma-separated layer indices to remove (lossy without retraining).")
+@_handle_errors
+def make_draft_cmd(source, output, vocab_size, corpus, drop_layers):
+    """Make a cheaper draft from SOURCE by trimming its vocabulary (and optionally layers)."""
+    from cospec_local.draft_maker import make_draft
+    from models.default_pair import corpus_files
+
+    drop = [int(x) for x in drop_layers.split(",") if x.strip()]
+    report = make_draft(source, output, corpus or corpus_files(), vocab_size, drop)
+    click.echo(
+        f"wrote {report.path} ({report.size_bytes / 1e6:.1f} MB): {report.draft_vocab} of {report.source_vocab} tokens "
+        f"({report.n_frequent} frequent + {report.n_special} special/byte), {report.n_layers_draft}/{report.n_layers_source} layers; "
+        f"corpus coverage {report.corpus_coverage:.2%} of {report.corpus_tokens} tokens"
+    )
+
+
+@cli.command()
+@model_options
+@click.option("--max-tokens", default=128, show_default=True, help="Tokens generated per prompt.")
+@click.option("--repeats", default=3, show_default=True, help="Repetitions (each runs every prompt in both modes).")
+@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy (the default benchmark).")
+@click.option("-k", "--draft-max", default=8, show_default=True, help="Maximum draft length for the adaptive run.")
+@click.option("--sweep-k", default="", help="Also run fixed draft lengths, e.g. 1,2,4,8.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Save the report as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Save a PNG: speedup vs k, accepted-length histogram.")
+@_handle_errors
+def bench(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose, max_tokens, repeats, temperature, draft_max, sweep_k, out_path, plot_path):
+    """Target-only vs speculative tokens/s, interleaved, with the formula's prediction."""
+    from cospec_local.bench import plot_report, run_bench
+
+    pair = open_pair(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose)
+    ks = [int(x) for x in sweep_k.split(",") if x.strip()]
+    config = GenerationConfig(temperature=temperature, draft_max=draft_max)
+    report = run_bench(pair, max_tokens=max_tokens, repeats=repeats, config=config, sweep_k=ks)
+    report["draft"], report["target"] = str(pair.draft.path), str(pair.target.path)
+    c = report["costs"]
+    click.echo(f"cost: target call {c['target_call_ms']:.2f} ms, draft call {c['draft_call_ms']:.2f} ms, c = {c['c']:.3f}")
+    click.echo("verify call by logit rows (ms): " + ", ".join(f"{n}: {v:.1f}" for n, v in c["verify_ms_by_rows"].items()))
+    click.echo(f"target-only: {report['modes']['target']['tok_s_median']:.1f} tok/s (median of {repeats})")
+    for name, m in report["modes"].items():
+        if name == "target":
+            continue
+        click.echo(
+            f"{name}: {m['tok_s_median']:.1f} tok/s, speedup {m['speedup_median']:.2f}x "
+            f"(formula {m['predicted_speedup']:.2f}x from alpha {m['alpha']:.3f}, mean k {m['mean_draft_length']:.2f}, c {c['c']:.3f}: "
+            f"{m['achieved_over_predicted']:.0%} of it), acceptance {m['acceptance_rate']:.1%}, "
+            f"mean accepted {m['mean_accepted_length']:.2f}, python overhead {m['python_overhead_share']:.1%}"
+            + ("" if m["greedy_output_identical_to_target"] in (None, True) else "  OUTPUT DIFFERS FROM TARGET")
+        )
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(report, f, indent=1)
+        click.echo(f"saved {out_path}")
+    if plot_path:
+        plot_report(report, plot_path)
+        click.echo(f"saved {plot_path}")
+    pair.close()
+
+
+def main():
+    cli()
+
+
+if __name__ == "__main__":
+    main()

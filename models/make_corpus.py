@@ -1,0 +1,83 @@
+"""Generate the frequency corpus for the default draft: the target's own text on varied prompts.
+
+A vocabulary-trimmed draft agrees with its target exactly when the target's next token is in the
+draft's vocabulary, so the corpus must look like what the target actually writes: prose, chat,
+code, numbers, lists. This script samples the target (greedy and at temperature 0.8) after each
+prompt below and writes `models/corpus/gemma3_270m_samples.txt`, which ships with the project.
+
+    python -m models.make_corpus [--tokens-per-prompt 160]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+PROMPTS = [
+    "The history of the Roman Empire",
+    "Once upon a time, in a small village by the sea,",
+    "User: What is the capital of France?\nAssistant:",
+    "User: Can you explain how photosynthesis works?\nAssistant:",
+    "User: Write a short poem about the ocean.\nAssistant:",
+    "User: Give me three tips for learning a new language.\nAssistant:",
+    "User: How do I make a cup of tea?\nAssistant:",
+    "User: What's the difference between a list and a tuple in Python?\nAssistant:",
+    "User: Tell me a joke.\nAssistant:",
+    "User: Summarize the plot of Romeo and Juliet.\nAssistant:",
+    "def fibonacci(n):\n",
+    "import numpy as np\n\n# Compute the mean and standard deviation of a list of numbers\n",
+    "<!DOCTYPE html>\n<html>\n<head>\n",
+    "SELECT name, COUNT(*) FROM orders",
+    "function debounce(fn, delay) {\n",
+    "Ingredients:\n- 2 cups of flour\n",
+    "Dear Sarah,\n\nThank you for your letter.",
+    "Breaking news: Scientists have discovered",
+    "The quick brown fox",
+    "In mathematics, a prime number is",
+    "1. Preheat the oven to 180 degrees.\n2.",
+    "Q: What is 17 times 23?\nA:",
+    "Table of contents\n\nChapter 1:",
+    "The weather today is",
+    "My favorite book is",
+    "How to change a flat tire:",
+    "The mitochondria is the powerhouse of the cell because",
+    "Climate change affects",
+    "Here is a list of the planets in our solar system:",
+    "Product review: I bought this laptop last month and",
+    "The meeting has been moved to Thursday at 3 pm.",
+    "Abstract: We propose a new method for",
+    "She opened the door and saw",
+    "The best way to learn programming is",
+    "Step 1: Install the package with pip.\n",
+    "The year was 1969, and",
+    "Dear customer, your order #4521",
+    "A healthy breakfast includes",
+    "The results of the experiment show that",
+    "Frequently asked questions\n\nQ: How long does shipping take?\nA:",
+]
+
+
+@click.command()
+@click.option("--tokens-per-prompt", default=160, show_default=True)
+@click.option("--out", default=str(Path(__file__).parent / "corpus" / "gemma3_270m_samples.txt"), show_default=True)
+def main(tokens_per_prompt: int, out: str) -> None:
+    from tqdm import tqdm
+
+    from cospec_local import load_pair
+    from models.default_pair import target_path
+
+    pair = load_pair(None, target_path(), n_ctx=1024)
+    blocks = []
+    for i, prompt in enumerate(tqdm(PROMPTS, desc="sampling the target")):
+        for temperature in (0.0, 0.8):
+            result = pair.generate(prompt, mode="target", max_tokens=tokens_per_prompt, temperature=temperature, seed=i)
+            blocks.append(prompt + result.text)
+    tmp = Path(out + ".tmp")
+    tmp.write_text("\n\n".join(blocks) + "\n", encoding="utf-8")
+    tmp.replace(out)
+    print(f"wrote {out}: {sum(len(b) for b in blocks)} characters")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""Goodness-of-fit helpers for the statistical tests (no scipy dependency)."""
+
+import math
+
+import numpy as np
+
+
+def chi2_critical(df: int, alpha: float = 1e-3) -> float:
+    """Upper `alpha` quantile of the chi-square distribution (Wilson-Hilferty approximation)."""
+    z = {1e-2: 2.326, 1e-3: 3.090, 1e-4: 3.719}[alpha]
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def assert_matches(counts: np.ndarray, probs: np.ndarray, alpha: float = 1e-3) -> None:
+    """Chi-square test that `counts` were drawn from `probs` (bins with tiny expectation pooled)."""
+    counts = np.asarray(counts, dtype=float)
+    probs = np.asarray(probs, dtype=float) / np.sum(probs)
+    n = counts.sum()
+    expected = probs * n
+    assert counts[expected == 0].sum() == 0, "drew a token the target gives probability 0"
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    keep = exp > 0
+    obs, exp = obs[keep], exp[keep]
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    df = len(obs) - 1
+    assert df >= 1
+    assert stat < chi2_critical(df, alpha), f"chi2={stat:.1f} >= critical {chi2_critical(df, alpha):.1f} (df={df})"

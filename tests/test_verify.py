@@ -1,0 +1,87 @@
+"""Verification rules as pure functions: greedy verdicts and the exactness of rejection sampling."""
+
+import numpy as np
+import pytest
+
+from cospec_local.verify import DRAFT, verify_greedy, verify_rejection
+from stats_util import assert_matches, chi2_critical
+
+
+def onehot_logits(ids, n=6):
+    rows = np.zeros((len(ids), n), dtype=np.float32)
+    rows[np.arange(len(ids)), ids] = 5.0
+    return rows
+
+
+def test_greedy_accepts_all_and_takes_bonus():
+    v = verify_greedy([1, 2, 3], onehot_logits([1, 2, 3, 4]))
+    assert (v.num_accepted, v.next_token, v.next_is_bonus) == (3, 4, True)
+    assert v.accepted_sources == [DRAFT] * 3
+
+
+def test_greedy_replaces_first_mismatch():
+    v = verify_greedy([1, 2, 3], onehot_logits([1, 5, 3, 4]))
+    assert (v.num_accepted, v.next_token, v.next_is_bonus) == (1, 5, False)
+
+
+def test_greedy_rejects_first_token():
+    v = verify_greedy([1], onehot_logits([0, 4]))
+    assert (v.num_accepted, v.next_token) == (0, 0)
+
+
+def random_dist(rng, n):
+    d = rng.random(n) ** 3
+    return d / d.sum()
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_rejection_sampling_matches_target_distribution(k):
+    """The first emitted token follows p whatever q is; both the residual and bonus paths occur."""
+    rng = np.random.default_rng(0)
+    n = 6
+    target = [random_dist(rng, n) for _ in range(k + 1)]
+    draft = [random_dist(rng, n) for _ in range(k)]
+    counts = np.zeros(n)
+    paths = {"residual": 0, "bonus": 0}
+    trials = 20000
+    for _ in range(trials):
+        tokens = [int(rng.choice(n, p=q)) for q in draft]
+        v = verify_rejection(tokens, draft, target, rng)
+        emitted = tokens[: v.num_accepted] + [v.next_token]
+        counts[emitted[0]] += 1
+        paths["bonus" if v.next_is_bonus else "residual"] += 1
+    assert paths["residual"] > 1000 and paths["bonus"] > 1000
+    assert_matches(counts, target[0])
+
+
+def test_rejection_sampling_second_position_is_target_conditional():
+    """With context-free rows, the token emitted at position 2 (when position 1 was accepted)
+    follows p_2: accepted draft tokens do not bias what comes after them."""
+    rng = np.random.default_rng(1)
+    n = 5
+    target = [random_dist(rng, n) for _ in range(3)]
+    draft = [random_dist(rng, n) for _ in range(2)]
+    counts = np.zeros(n)
+    for _ in range(30000):
+        tokens = [int(rng.choice(n, p=q)) for q in draft]
+        v = verify_rejection(tokens, draft, target, rng)
+        emitted = tokens[: v.num_accepted] + [v.next_token]
+        if len(emitted) >= 2:
+            counts[emitted[1]] += 1
+    assert_matches(counts, target[1])
+
+
+def test_identical_distributions_accept_everything():
+    rng = np.random.default_rng(2)
+    p = random_dist(rng, 8)
+    for _ in range(200):
+        tokens = [int(rng.choice(8, p=p)) for _ in range(3)]
+        v = verify_rejection(tokens, [p] * 3, [p] * 4, rng)
+        assert v.num_accepted == 3 and v.next_is_bonus
+
+
+def test_chi2_helper_rejects_a_wrong_distribution():
+    # The helper must be able to fail: counts from a different distribution.
+    with pytest.raises(AssertionError):
+        assert_matches(np.array([500, 300, 200]), np.array([0.2, 0.3, 0.5]))
+    assert 20 < chi2_critical(5) < 22  # true value 20.52
