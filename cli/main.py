@@ -290,6 +290,45 @@ def bench(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose, max_
     pair.close()
 
 
+@cli.command("eval")
+@model_options
+@click.option("--family", default=None, help="Built-in task family (add, count).")
+@click.option("--tasks", "tasks_path", type=click.Path(exists=True, dir_okay=False), help='JSONL file of {"prompt", "answer"} lines.')
+@click.option("-n", "--num-problems", default=100, show_default=True, help="Problems to run (held-out split for families).")
+@click.option("--start", default=0, show_default=True, help="Index of the first held-out problem.")
+@click.option("--modes", default="target,draft,spec", show_default=True, help="Comma-separated decoding modes to compare.")
+@click.option("--max-tokens", default=160, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True)
+@click.option("-k", "--draft-max", default=8, show_default=True)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Save the report as JSON.")
+@_handle_errors
+def eval_cmd(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose, family, tasks_path, num_problems, start, modes, max_tokens, temperature, draft_max, out_path):
+    """Accuracy (95% CI), tokens/s and acceptance of decoding modes on checkable problems."""
+    from cospec_local.evaluate import DEFAULT_STOP, evaluate, format_table
+    from cospec_local.testworld.tasks import FAMILIES, load_jsonl_tasks, problems
+
+    if (family is None) == (tasks_path is None):
+        raise click.UsageError("give exactly one of --family or --tasks")
+    if family is not None and family not in FAMILIES:
+        raise click.UsageError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    probs = problems(family, "eval", num_problems, start) if family else load_jsonl_tasks(tasks_path)[start : start + num_problems]
+    if not probs:
+        raise click.UsageError("no problems to run")
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    pair = open_pair(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose, need_draft=mode_list != ["target"])
+    config = GenerationConfig(temperature=temperature, max_tokens=max_tokens, draft_max=draft_max, stop=DEFAULT_STOP)
+    try:
+        report = evaluate(pair, probs, mode_list, config)
+    finally:
+        pair.close()
+    report["source"] = family or tasks_path
+    click.echo(format_table(report))
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(report, f, indent=1)
+        click.echo(f"saved {out_path}")
+
+
 def main():
     cli()
 

@@ -1,0 +1,104 @@
+"""Accuracy/speed evaluation of decoding modes on problems with checkable final answers.
+
+`evaluate(pair, problems, modes)` runs every problem in every mode (interleaved per problem, so
+drift hits all modes alike) and reports, per mode: accuracy with a 95% Wilson interval, tokens/s,
+acceptance statistics. Problems come from `cospec_local.testworld.tasks` (a task family, or a JSONL
+file of {"prompt", "answer"} lines read by `load_jsonl_tasks`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .config import GenerationConfig
+
+# Solutions end with an 'ANSWER: ...' line; nothing after it counts, so stop there.
+DEFAULT_STOP = ("\nQ:",)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (good at small n and near 0 or 1)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass
+class ModeResult:
+    """Totals for one decoding mode over all problems."""
+
+    mode: str
+    n: int = 0
+    correct: int = 0
+    tokens: int = 0
+    t_decode: float = 0.0
+    drafted: int = 0
+    accepted: int = 0
+    cycles: int = 0
+    per_problem: list[bool] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else 0.0
+
+    def as_dict(self) -> dict:
+        lo, hi = wilson_interval(self.correct, self.n)
+        return {
+            "mode": self.mode,
+            "n": self.n,
+            "correct": self.correct,
+            "accuracy": self.accuracy,
+            "ci95": [lo, hi],
+            "tokens_per_second": self.tokens / self.t_decode if self.t_decode else 0.0,
+            "acceptance_rate": self.accepted / self.drafted if self.drafted else None,
+            "mean_accepted_length": self.accepted / self.cycles if self.cycles else None,
+            "tokens": self.tokens,
+        }
+
+
+def evaluate(
+    pair,
+    problems,
+    modes=("target", "draft", "spec"),
+    config: GenerationConfig | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run each problem in each mode (greedy unless `config` says otherwise) and check answers."""
+    from tqdm import tqdm
+
+    from .testworld.tasks import check
+
+    base = config or GenerationConfig(temperature=0.0, max_tokens=160, stop=DEFAULT_STOP)
+    results = {mode: ModeResult(mode) for mode in modes}
+    for problem in tqdm(problems, desc="eval", disable=not progress):
+        for mode in modes:
+            r = pair.generate(problem.prompt, base, mode=mode)
+            ok = check(problem.family, r.text, problem.answer)
+            m = results[mode]
+            m.n += 1
+            m.correct += ok
+            m.per_problem.append(ok)
+            m.tokens += r.stats.n_generated
+            m.t_decode += r.stats.t_decode
+            m.drafted += r.stats.n_drafted
+            m.accepted += r.stats.n_accepted
+            m.cycles += r.stats.n_cycles
+    return {"modes": [results[m].as_dict() for m in modes], "n_problems": len(problems)}
+
+
+def format_table(report: dict) -> str:
+    """A plain-text table of an `evaluate` report."""
+    lines = [f"{'mode':<10} {'accuracy':>9} {'95% CI':>15} {'tok/s':>9} {'accept':>8} {'acc.len':>8}"]
+    for m in report["modes"]:
+        lo, hi = m["ci95"]
+        acc = f"{m['acceptance_rate']:.1%}" if m["acceptance_rate"] is not None else "-"
+        alen = f"{m['mean_accepted_length']:.2f}" if m["mean_accepted_length"] is not None else "-"
+        lines.append(
+            f"{m['mode']:<10} {m['accuracy']:>9.1%} {f'[{lo:.1%}, {hi:.1%}]':>15} {m['tokens_per_second']:>9.1f} {acc:>8} {alen:>8}"
+        )
+    return "\n".join(lines)
