@@ -49,7 +49,7 @@ $(VENV)/.llama-cpp-$(WHEEL_KEY): | $(VENV)/bin/python
 	    llama-cpp-python==$(LLAMA_CPP_VERSION) && \
 	  rm -rf $(WHEEL_DIR) && mv $(WHEEL_DIR).tmp $(WHEEL_DIR); \
 	fi
-	$(PY) -m pip install -q $(WHEEL_DIR)/llama_cpp_python-*.whl
+	$(PY) -m pip install -q --force-reinstall --no-deps $(WHEEL_DIR)/llama_cpp_python-*.whl
 	rm -f $(VENV)/.llama-cpp-*
 	touch $@
 
