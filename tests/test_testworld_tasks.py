@@ -57,15 +57,16 @@ def test_count_answers_are_letter_counts():
         assert int(problem.answer) == text.count(letter)
 
 
-def test_carry_prob_controls_carry_density():
-    def carry_share(carry_prob):
-        lines = [line for seed in range(300)
-                 for line in make_add_problem(seed, carry_prob=carry_prob).solution.splitlines()[:-1]]
-        return sum(int(line.split("=")[1]) >= 10 for line in lines) / len(lines)
+def test_thin_sums_make_those_columns_rare():
+    def share_of_sums(sums, **thin):
+        columns = [int(line.split("=")[1]) for seed in range(400)
+                   for line in make_add_problem(seed, **thin).solution.splitlines()[:-1]]
+        return sum(column in sums for column in columns) / len(columns)
 
-    assert carry_share(0.0) == 0.0
-    assert carry_share(1.0) == 1.0
-    assert carry_share(0.15) < 0.25 < carry_share(None)
+    assert share_of_sums({13, 14}) > 0.08  # the evaluation distribution has them
+    assert share_of_sums({13, 14}, thin_sums=(13, 14), thin_keep=0.0) == 0.0
+    assert 0.0 < share_of_sums({13, 14}, thin_sums=(13, 14), thin_keep=0.1) < 0.03
+    assert make_add_problem(5) == make_problem("add", 5)
 
 
 def test_checker_right_wrong_and_malformed():

@@ -37,8 +37,15 @@ def load_model(path: str | Path, n_threads: int = 1, n_ctx: int = 512):
 
 
 def last_argmax(model) -> int:
-    """Greedy token after everything evaluated so far."""
-    return int(np.argmax(model.scores[model.n_tokens - 1]))
+    """Greedy token after everything evaluated so far.
+
+    Reads llama.cpp's last logits row directly: with logits_all=False, `Llama.eval` in
+    llama-cpp-python 0.3.36 no longer copies logits into `Llama.scores`.
+    """
+    import llama_cpp
+
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(model.ctx, -1), shape=(model.n_vocab(),))
+    return int(np.argmax(logits))
 
 
 def greedy_continue(model, prefix_ids: list[int], max_new: int = MAX_NEW_TOKENS) -> list[int]:

@@ -47,26 +47,23 @@ class Problem:
     seed: int | None = None
 
 
-def make_add_problem(seed: int, carry_prob: float | None = None) -> Problem:
-    """Column-addition problem for `seed`.
+def make_add_problem(seed: int, thin_sums: tuple[int, ...] = (), thin_keep: float = 1.0) -> Problem:
+    """Column-addition problem for `seed`, digits drawn uniformly (the evaluation distribution).
 
-    `carry_prob=None` draws digits uniformly (the evaluation distribution). A value in [0, 1] draws
-    the digits of each column so that it produces a carry with that probability: used to give a
-    model training data that is thin on carries.
+    `thin_sums` / `thin_keep` make training data thin on some addition facts: a column whose sum
+    (digit_a + digit_b + carry_in) is in `thin_sums` is kept only with probability `thin_keep`,
+    otherwise its digits are drawn again.
     """
-    rng = random.Random(f"add:{seed}:{carry_prob}")
+    rng = random.Random(f"add:{seed}" if not thin_sums else f"add:{seed}:{thin_sums}:{thin_keep}")
     n_digits = rng.randint(2, 5)
     digits_a, digits_b = [], []  # least significant first
     carry = 0
     for column in range(n_digits):
         lowest = 1 if column == n_digits - 1 else 0  # no leading zeros
-        if carry_prob is None:
+        while True:
             da, db = rng.randint(lowest, 9), rng.randint(lowest, 9)
-        else:
-            want_carry = rng.random() < carry_prob
-            pairs = [(x, y) for x in range(lowest, 10) for y in range(lowest, 10)
-                     if (x + y + carry >= 10) == want_carry]
-            da, db = rng.choice(pairs)
+            if da + db + carry not in thin_sums or rng.random() < thin_keep:
+                break
         digits_a.append(da)
         digits_b.append(db)
         carry = (da + db + carry) // 10
@@ -82,11 +79,15 @@ def make_add_problem(seed: int, carry_prob: float | None = None) -> Problem:
     return Problem("add", f"Q: {a}+{b}=?\n", answer, solution, seed)
 
 
-def make_count_problem(seed: int) -> Problem:
-    """Letter-counting problem for `seed`, solved with a running tally."""
-    rng = random.Random(f"count:{seed}")
+def make_count_problem(seed: int, max_length: int = 20) -> Problem:
+    """Letter-counting problem for `seed`, solved with a running tally.
+
+    The string has 5..20 letters (the evaluation distribution); a smaller `max_length` gives a model
+    training data without long strings.
+    """
+    rng = random.Random(f"count:{seed}" if max_length == 20 else f"count:{seed}:{max_length}")
     letter = rng.choice(COUNT_ALPHABET)
-    text = "".join(rng.choice(COUNT_ALPHABET) for _ in range(rng.randint(5, 20)))
+    text = "".join(rng.choice(COUNT_ALPHABET) for _ in range(rng.randint(5, max_length)))
     tally, steps = 0, []
     for ch in text:
         tally += ch == letter

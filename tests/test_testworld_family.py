@@ -1,0 +1,68 @@
+"""The shipped model family (models/family): files intact, loadable, and the target solves problems."""
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+from cospec_local.testworld.gguf_export import CharVocab  # noqa: E402
+from cospec_local.testworld.headroom import (  # noqa: E402
+    evaluate_problem,
+    first_disagreement,
+    greedy_continue,
+    load_model,
+)
+from cospec_local.testworld.tasks import FAMILIES, check, problems  # noqa: E402
+
+FAMILY_DIR = Path(__file__).resolve().parents[1] / "models" / "family"
+MEMBERS = ("target", "draft", "counter")
+
+
+def test_shipped_files_match_their_sha256sums():
+    sums = dict(reversed(line.split("  ")) for line in (FAMILY_DIR / "SHA256SUMS").read_text().splitlines())
+    assert set(sums) == {f"{name}.gguf" for name in MEMBERS}
+    for file_name, digest in sums.items():
+        assert hashlib.sha256((FAMILY_DIR / file_name).read_bytes()).hexdigest() == digest, file_name
+
+
+@pytest.fixture(scope="module")
+def family():
+    return {name: load_model(FAMILY_DIR / f"{name}.gguf", n_threads=1) for name in MEMBERS}
+
+
+def test_members_share_the_character_vocabulary(family):
+    vocab = CharVocab()
+    for model in family.values():
+        assert model.n_vocab() == vocab.n_vocab
+        assert model.tokenize(b"Q: 12+34=?\n", add_bos=True) == vocab.encode("Q: 12+34=?\n")
+
+
+@pytest.mark.parametrize("family_name", FAMILIES)
+def test_target_solves_some_eval_problems(family, family_name):
+    vocab = CharVocab()
+    solved = 0
+    for problem in problems(family_name, "eval", 20):
+        completion = vocab.decode(greedy_continue(family["target"], vocab.encode(problem.prompt)))
+        solved += check(family_name, completion, problem.answer)
+    assert solved >= 5, f"target solved only {solved}/20 {family_name} problems"
+
+
+def test_first_disagreement_and_swap_bookkeeping(family):
+    vocab = CharVocab()
+    target, draft = family["target"], family["draft"]
+    for problem in problems("add", "eval", 8):
+        prompt_ids = vocab.encode(problem.prompt)
+        target_ids = greedy_continue(target, prompt_ids)
+        found = first_disagreement(draft, prompt_ids, target_ids)
+        draft_ids = greedy_continue(draft, prompt_ids)
+        if found is None:  # the draft reproduces the target's completion exactly
+            assert draft_ids == target_ids
+        else:  # both greedy completions share the prefix up to the first disagreement
+            position, draft_token = found
+            assert draft_ids[:position] == target_ids[:position]
+            assert (draft_ids + [2])[position] == draft_token
+        outcome = evaluate_problem(problem, target, draft, vocab)
+        assert outcome.oracle_correct >= outcome.target_correct
+        assert outcome.disagreement_position == (None if found is None else found[0])
