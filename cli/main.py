@@ -253,17 +253,18 @@ def make_draft_cmd(source, output, vocab_size, corpus, drop_layers):
 @click.option("--repeats", default=3, show_default=True, help="Repetitions (each runs every prompt in both modes).")
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy (the default benchmark).")
 @click.option("-k", "--draft-max", default=8, show_default=True, help="Maximum draft length for the adaptive run.")
+@click.option("--draft-p-min", default=GenerationConfig.draft_p_min, show_default=True, help="Draft confidence threshold.")
 @click.option("--sweep-k", default="", help="Also run fixed draft lengths, e.g. 1,2,4,8.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Save the report as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Save a PNG: speedup vs k, accepted-length histogram.")
 @_handle_errors
-def bench(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose, max_tokens, repeats, temperature, draft_max, sweep_k, out_path, plot_path):
+def bench(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose, max_tokens, repeats, temperature, draft_max, draft_p_min, sweep_k, out_path, plot_path):
     """Target-only vs speculative tokens/s, interleaved, with the formula's prediction."""
     from cospec_local.bench import plot_report, run_bench
 
     pair = open_pair(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose)
     ks = [int(x) for x in sweep_k.split(",") if x.strip()]
-    config = GenerationConfig(temperature=temperature, draft_max=draft_max)
+    config = GenerationConfig(temperature=temperature, draft_max=draft_max, draft_p_min=draft_p_min)
     report = run_bench(pair, max_tokens=max_tokens, repeats=repeats, config=config, sweep_k=ks)
     report["draft"], report["target"] = str(pair.draft.path), str(pair.target.path)
     c = report["costs"]

@@ -25,6 +25,7 @@ import numpy as np
 from .errors import ContextOverflowError, ModelLoadError, RollbackError
 
 GGUF_MAGIC = b"GGUF"
+EXACT_CPU_BATCH = 7
 
 _backend_ready = False
 _log_verbose = False
@@ -88,6 +89,17 @@ class LoadOptions:
     n_gpu_layers: int = 0
     n_batch: int = 512
     verbose: bool = False
+    # llama.cpp's CPU weight repacking ("extra buffer types") runs batches through GEMM kernels
+    # that round differently from the single-token GEMV path: a verification batch then gives
+    # logits up to ~1.0 away from target-only decoding (measured on Gemma 3 270M), enough to flip
+    # near-tie argmaxes. Off, batch and single-token logits are bit-identical, and on this CPU it
+    # cost no speed (10.7 vs 10.5 ms per Gemma token).
+    repack_weights: bool = False
+    # Same reason for attention: llama.cpp's CPU flash-attention kernel takes a tiled path for
+    # batches of 8+ queries and a split-KV path for single queries over 512+ cached tokens, each
+    # rounding differently. The plain attention path computes each row the same way at any batch
+    # size. None = llama.cpp's choice (auto), used when offloading to a GPU.
+    flash_attn: bool | None = False
 
 
 class LlamaModel:
@@ -103,6 +115,7 @@ class LlamaModel:
 
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = options.n_gpu_layers
+        model_params.use_extra_bufts = options.repack_weights
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_params)
         if not self._model:
             raise ModelLoadError(f"llama.cpp could not load {self.path} (run with --verbose for its log)")
@@ -118,6 +131,10 @@ class LlamaModel:
         # A full-size sliding-window cache: with the pruned SWA cache, rolling back a rejected draft
         # could leave positions the next token must attend to already evicted.
         ctx_params.swa_full = True
+        if options.flash_attn is not None:
+            ctx_params.flash_attn_type = (
+                llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if options.flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            )
         self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
@@ -133,6 +150,10 @@ class LlamaModel:
         # Rows the output head produces; can differ from the tokenizer's size in odd conversions.
         self.n_logits_width = self.n_vocab
         self.n_past = 0  # tokens currently in the KV cache
+        # Largest batch whose logits equal single-token logits bit for bit. Measured on the CPU
+        # build (no llamafile, no repacking, no flash attention): batches of up to 7 tokens match
+        # exactly at any context length, 8+ do not. On a GPU nothing is bit-exact anyway.
+        self.exact_batch = EXACT_CPU_BATCH if options.n_gpu_layers == 0 else self.n_batch
 
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._batch_token = np.ctypeslib.as_array(self._batch.token, shape=(self.n_batch,))

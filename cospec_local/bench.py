@@ -16,13 +16,14 @@ import numpy as np
 
 from .config import GenerationConfig
 
+# Disjoint from the prompts of models/make_corpus.py, whose outputs chose the default draft's vocabulary.
 BENCH_PROMPTS = [
-    "The history of the Roman Empire",
-    "User: Can you explain how a rainbow forms?\nAssistant:",
-    "def quicksort(items):\n",
-    "Once upon a time, in a small village by the sea,",
-    "Here are five tips for staying healthy:\n1.",
-    "The main differences between cats and dogs are",
+    "The industrial revolution changed",
+    "User: What are the benefits of regular exercise?\nAssistant:",
+    "def binary_search(arr, target):\n",
+    "It was a cold winter morning when",
+    "Here are some ideas for a birthday party:\n1.",
+    "The solar system consists of",
 ]
 
 

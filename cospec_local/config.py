@@ -32,7 +32,10 @@ class GenerationConfig:
     )
     stop: tuple[str, ...] = _opt((), "Stop when this string is generated (repeatable).")
     mode: str = _opt("spec", "Decoding mode: spec, target or draft.")
-    draft_max: int = _opt(8, "Maximum draft tokens per verification (k).", flag="-k/--draft-max")
+    draft_max: int = _opt(
+        6, "Maximum draft tokens per verification (k); on the CPU at most 6, so that the target's "
+        "7-token verification batch gives bit-identical logits to target-only decoding.", flag="-k/--draft-max"
+    )
     draft_p_min: float = _opt(0.3, "Stop drafting when the draft's top probability falls below this.")
     adaptive: bool = _opt(True, "Adapt the draft length to measured acceptance and costs.")
 

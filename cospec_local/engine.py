@@ -106,26 +106,32 @@ class DoneEvent:
 
 
 class AdaptiveDraftLength:
-    """Chooses k for the next cycle from measured acceptance and costs.
+    """Chooses k for the next cycle (k = 0: a plain target step) from measurements.
 
-    Model: with per-token acceptance alpha, a cycle drafting k tokens yields
-    (1 - alpha^(k+1)) / (1 - alpha) tokens and costs k * t_draft + t_verify(k + 1), where
-    t_verify(n) = a + b * n is fitted online to the target's measured call times. We pick the k in
-    [0, k_max] with the lowest expected time per token; k = 0 is a plain target step. While k = 0
-    wins, a one-token probe every `probe_every` steps keeps alpha current; the interval doubles while
-    probes keep failing, so a useless draft costs a few percent at most.
+    Two questions, two measurements:
+    - *How long a draft?* With per-token acceptance alpha a cycle drafting k tokens yields
+      (1 - alpha^(k+1)) / (1 - alpha) tokens and costs k * t_draft + t_verify(k + 1), where
+      t_verify(n) = a + b * n is fitted online to the target's call times (on CPUs each verified
+      row pays a full pass of the output head, so b matters). We pick the k >= 1 with the lowest
+      expected time per token.
+    - *Draft at all?* The model can be wrong (catch-up batches, confidence stops), so we compare
+      the MEASURED seconds per emitted token of drafting cycles and of plain target steps, and use
+      the faster. The slower one is re-tried now and then (probe); its interval doubles while it
+      stays slower, so a useless draft costs a few percent at most.
+    The policy lives on the engine, so what it learned carries over to the next call.
     """
 
-    def __init__(self, k_max: int, adaptive: bool = True, decay: float = 0.9):
+    def __init__(self, k_max: int, decay: float = 0.9):
         self.k_max = k_max
-        self.adaptive = adaptive
         self.decay = decay
         # Acceptance counts with a prior of 0.8 worth two observations: start by drafting.
         self.successes, self.failures = 1.6, 0.4
-        self.t_draft = None  # seconds per draft step (EMA)
+        self.t_draft: float | None = None  # seconds per draft step (EMA)
         # Decayed sufficient statistics of (rows, seconds) for the target's call-time line.
         self._s = np.zeros(5)  # sum w, w*n, w*n^2, w*t, w*n*t
-        self.steps_since_probe = 0
+        self.spec_tpt: float | None = None  # measured seconds per token, drafting cycles (EMA)
+        self.target_tpt: float | None = None  # measured seconds per token, target steps (EMA)
+        self.since_probe = 0
         self.probe_every = 4
 
     @property
@@ -138,39 +144,56 @@ class AdaptiveDraftLength:
             return 0.0
         mean_n, mean_t = sn / s0, st / s0
         var = snn / s0 - mean_n**2
-        # Until two row counts have been seen, assume each extra row costs 10% of a call.
-        slope = (snt / s0 - mean_n * mean_t) / var if var > 0.25 else 0.1 * mean_t / max(mean_n, 1)
-        slope = max(slope, 0.0)
-        return max(mean_t + slope * (n_rows - mean_n), 1e-6)
+        # Until two row counts have been seen, assume each extra row costs 30% of a call.
+        slope = (snt / s0 - mean_n * mean_t) / var if var > 0.25 else 0.3 * mean_t / max(mean_n, 1)
+        return max(mean_t + max(slope, 0.0) * (n_rows - mean_n), 1e-6)
 
-    def choose(self) -> int:
-        if not self.adaptive:
-            return self.k_max
+    def best_draft_length(self, k_max: int) -> int:
+        """The k in [1, k_max] with the lowest modelled time per token."""
         if self.t_draft is None or self._s[0] <= 0:
-            return self.k_max
+            return k_max
         alpha = min(self.alpha, 0.999)
-        best_k, best_cost = 0, self.verify_time(1)
-        for k in range(1, self.k_max + 1):
-            expected_tokens = (1 - alpha ** (k + 1)) / (1 - alpha)
-            cost = (k * self.t_draft + self.verify_time(k + 1)) / expected_tokens
-            if cost < best_cost:
-                best_k, best_cost = k, cost
-        if best_k == 0:
-            self.steps_since_probe += 1
-            if self.steps_since_probe >= self.probe_every:
-                self.steps_since_probe = 0
-                self.probe_every = min(self.probe_every * 2, 64)
-                return 1
+        costs = [
+            (k * self.t_draft + self.verify_time(k + 1)) * (1 - alpha) / (1 - alpha ** (k + 1))
+            for k in range(1, k_max + 1)
+        ]
+        return 1 + int(np.argmin(costs))
+
+    def choose(self, k_max: int | None = None) -> int:
+        k_max = self.k_max if k_max is None else min(k_max, self.k_max)
+        k = self.best_draft_length(k_max)
+        if self.spec_tpt is None:
+            return k
+        if self.target_tpt is None:
+            return 0
+        drafting_wins = self.spec_tpt <= self.target_tpt
+        self.since_probe += 1
+        if self.since_probe >= self.probe_every:  # re-try the losing option
+            self.since_probe = 0
+            self.probe_every = min(self.probe_every * 2, 64)
+            return 0 if drafting_wins else k
+        return k if drafting_wins else 0
+
+    def _ema(self, old: float | None, new: float) -> float:
+        return new if old is None else 0.8 * old + 0.2 * new
+
+    def observe_cycle(self, k: int, seconds: float, n_tokens: int) -> None:
+        """A whole cycle: k drafted (0 = target step), `n_tokens` emitted in `seconds`."""
+        before = (self.spec_tpt or 0) <= (self.target_tpt or 0)
+        if k == 0:
+            self.target_tpt = self._ema(self.target_tpt, seconds / n_tokens)
         else:
-            self.probe_every = 4
-        return best_k
+            self.spec_tpt = self._ema(self.spec_tpt, seconds / n_tokens)
+        if self.spec_tpt is not None and self.target_tpt is not None:
+            if ((self.spec_tpt <= self.target_tpt) != before):
+                self.probe_every = 4  # the winner changed: probe often again
 
     def observe_target(self, n_rows: int, seconds: float) -> None:
         self._s *= self.decay
         self._s += (1.0, n_rows, n_rows * n_rows, seconds, n_rows * seconds)
 
     def observe_draft_step(self, seconds: float) -> None:
-        self.t_draft = seconds if self.t_draft is None else 0.8 * self.t_draft + 0.2 * seconds
+        self.t_draft = self._ema(self.t_draft, seconds)
 
     def observe_acceptance(self, n_proposed: int, n_accepted: int) -> None:
         self.successes = self.decay * self.successes + n_accepted
@@ -222,6 +245,7 @@ class Engine:
         self.token_map = token_map
         self.context: list[int] = []
         self._eog = set(target.eog_ids().tolist())
+        self.policy: AdaptiveDraftLength | None = None  # learned costs carry over between calls
         self.n_ctx = target.n_ctx if draft is None else min(target.n_ctx, draft.n_ctx)
 
     # -- helpers -------------------------------------------------------------------------------------
@@ -279,7 +303,9 @@ class Engine:
             verifier = GreedyVerifier() if params.greedy else RejectionVerifier(params)
         stats = GenerationStats(n_prompt=len(context_tokens))
         n_new = self._prepare(context_tokens)
-        policy = AdaptiveDraftLength(config.draft_max, config.adaptive)
+        if self.policy is None:
+            self.policy = AdaptiveDraftLength(config.draft_max)
+        policy = self.policy
         text = TextStream(config.stop)
         eog = self._eog
         target, draft = self.target, self.draft
@@ -297,15 +323,24 @@ class Engine:
             t_decode0 = time.perf_counter()
 
             while stats.n_generated < config.max_tokens:
-                room = self.n_ctx - len(self.context)
+                # The verification batch is [last, x_1..x_k]: keep it within the target's exact size.
+                room = min(self.n_ctx - len(self.context), target.exact_batch)
                 if room <= 0:
                     finish = "context"
                     break
                 if config.mode == "draft":
                     new_tokens, sources = self._draft_step(params, rng, stats)
                 else:
-                    k = 0 if config.mode == "target" else min(policy.choose(), room - 1)
+                    if config.mode == "target":
+                        k = 0
+                    elif config.adaptive:
+                        k = policy.choose(min(config.draft_max, room - 1))
+                    else:
+                        k = min(config.draft_max, room - 1)
+                    t_cycle = time.perf_counter()
                     new_tokens, sources = self._cycle(k, config, params, rng, verifier, policy, stats)
+                    if config.mode == "spec":
+                        policy.observe_cycle(k, time.perf_counter() - t_cycle, len(new_tokens))
                 for token, source in zip(new_tokens, sources):
                     if token in eog:
                         finish = "stop"

@@ -58,6 +58,7 @@ class ModeResult:
             "acceptance_rate": self.accepted / self.drafted if self.drafted else None,
             "mean_accepted_length": self.accepted / self.cycles if self.cycles else None,
             "tokens": self.tokens,
+            "per_problem": list(self.per_problem),
         }
 
 

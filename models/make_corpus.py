@@ -55,6 +55,46 @@ PROMPTS = [
     "A healthy breakfast includes",
     "The results of the experiment show that",
     "Frequently asked questions\n\nQ: How long does shipping take?\nA:",
+    "User: Tell me about dolphins.\nAssistant:",
+    "User: What should I cook for dinner tonight?\nAssistant:",
+    "User: Explain the rules of chess briefly.\nAssistant:",
+    "User: How does the internet work?\nAssistant:",
+    "User: Recommend a good book for a long flight.\nAssistant:",
+    "User: Why is the sky blue?\nAssistant:",
+    "User: What are some good habits for better sleep?\nAssistant:",
+    "User: Can you help me write an email to my landlord about a broken heater?\nAssistant:",
+    "User: What is machine learning?\nAssistant:",
+    "User: Describe your perfect weekend.\nAssistant:",
+    "User: How do airplanes fly?\nAssistant:",
+    "User: What's the best way to save money?\nAssistant:",
+    "The city council announced on Monday that",
+    "My grandmother used to tell me stories about",
+    "The football match ended in a draw after",
+    "To install the software, open a terminal and",
+    "The museum's new exhibition features",
+    "Ten things you didn't know about the moon:\n1.",
+    "He looked out of the window and noticed",
+    "The company reported strong quarterly earnings, driven by",
+    "class Stack:\n    def __init__(self):\n",
+    "#include <stdio.h>\n\nint main(void) {\n",
+    "const express = require('express');\n",
+    "Error: cannot find module",
+    "The patient was admitted to the hospital with",
+    "In the morning, the birds",
+    "The train to London departs at",
+    "Our hotel was located near the beach, and",
+    "Photosynthesis is the process by which",
+    "The French Revolution began in 1789 when",
+    "Dogs make wonderful pets because",
+    "Here is a simple recipe for chocolate chip cookies:",
+    "The difference between weather and climate is",
+    "Once the sun had set, the travelers",
+    "Mount Everest is the highest mountain",
+    "Write a story about a robot who learns to paint.",
+    "The capital of Japan is Tokyo, a city known for",
+    "Water boils at 100 degrees Celsius, but",
+    "Our team is looking for a software engineer who",
+    "Thank you for contacting customer support.",
 ]
 
 
@@ -70,7 +110,7 @@ def main(tokens_per_prompt: int, out: str) -> None:
     pair = load_pair(None, target_path(), n_ctx=1024)
     blocks = []
     for i, prompt in enumerate(tqdm(PROMPTS, desc="sampling the target")):
-        for temperature in (0.0, 0.8):
+        for temperature in (0.0, 1.0):
             result = pair.generate(prompt, mode="target", max_tokens=tokens_per_prompt, temperature=temperature, seed=i)
             blocks.append(prompt + result.text)
     tmp = Path(out + ".tmp")

@@ -24,11 +24,26 @@ def test_default_pair_is_a_trimmed_gemma(pair):
 
 @pytest.mark.parametrize("k", [1, 2, 4, 8])
 def test_greedy_speculative_equals_target_only(pair, k):
+    drafted = accepted = 0
     for prompt in PROMPTS:
         ref = pair.generate(prompt, temperature=0, mode="target", max_tokens=40)
         out = pair.generate(prompt, temperature=0, mode="spec", draft_max=k, adaptive=False, draft_p_min=0, max_tokens=40)
         assert out.tokens == ref.tokens
-        assert out.stats.acceptance_rate > 0.5  # same weights, trimmed head: mostly agrees
+        drafted += out.stats.n_drafted
+        accepted += out.stats.n_accepted
+    # Same weights, trimmed head: the draft agrees whenever the target's token is in its
+    # vocabulary (an unrelated draft scores ~0.05 here).
+    assert accepted / drafted > 0.6
+
+
+def test_long_context_past_the_sliding_window_stays_identical(pair):
+    """Past 512 tokens Gemma's sliding window and llama.cpp's long-KV attention paths kick in;
+    speculative greedy output must still equal target-only output token for token."""
+    prompt = " ".join(f"Note {i}: the meeting is on day {i % 7}." for i in range(60))
+    assert len(pair.tokenize(prompt)) > 600
+    ref = pair.generate(prompt, temperature=0, mode="target", max_tokens=48)
+    out = pair.generate(prompt, temperature=0, mode="spec", draft_max=6, adaptive=False, draft_p_min=0, max_tokens=48)
+    assert out.tokens == ref.tokens
 
 
 def test_adaptive_speculative_equals_target_only(pair):
@@ -62,3 +77,22 @@ def test_rollback_past_the_sliding_window_matches_a_fresh_context(default_pair_p
         fresh = model.eval(prompt + [1800], 1)[0].copy()
     assert int(np.argmax(after)) == int(np.argmax(fresh))
     np.testing.assert_allclose(after, fresh, atol=0.05)
+
+
+@pytest.mark.parametrize("prefix_len", [40, 700])
+def test_verification_batches_give_bit_identical_logits(default_pair_paths, prefix_len):
+    """What greedy equivalence rests on: with this build (no llamafile, no repacking, no flash
+    attention) a batch of up to EXACT_CPU_BATCH tokens yields exactly the logits of feeding the
+    tokens one at a time, also past the 512-token sliding window."""
+    from cospec_local.backend import EXACT_CPU_BATCH
+
+    _, target = default_pair_paths
+    with LlamaModel(target, LoadOptions(n_ctx=2048, n_threads=2)) as model:
+        text = " ".join(f"Item {i} is a red box." for i in range(150))
+        prefix = model.tokenize(text)[:prefix_len]
+        run = model.tokenize(" full of wars, emperors and great buildings", add_bos=False)[:EXACT_CPU_BATCH]
+        model.eval(prefix, 0)
+        single = np.stack([model.eval([t], 1)[0].copy() for t in run])
+        model.rollback(len(prefix))
+        batch = model.eval(run, len(run)).copy()
+    assert np.array_equal(batch, single)

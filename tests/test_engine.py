@@ -213,3 +213,11 @@ def test_bad_generation_config_is_rejected():
         GenerationConfig(mode="bogus")
     with pytest.raises(ValueError):
         GenerationConfig(max_tokens=0)
+
+
+def test_verification_batch_never_exceeds_the_exact_size(tiny_target):
+    from cospec_local.backend import EXACT_CPU_BATCH
+
+    with load_pair(tiny_target, tiny_target, n_ctx=512, n_threads=1) as pair:
+        out = greedy(pair, PROMPTS[0], draft_max=20, adaptive=False, max_tokens=60)
+        assert max(out.stats.draft_lengths) == EXACT_CPU_BATCH - 1
