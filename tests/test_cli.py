@@ -105,8 +105,10 @@ def test_context_overflow_is_reported(tiny_target):
 
 def test_bench_command(tmp_path, tiny_target, tiny_other):
     out = tmp_path / "bench.json"
-    r = run("bench", *models(tiny_other, tiny_target), "--max-tokens", 16, "--repeats", 1, "--sweep-k", "1,2", "--out", out)
+    png = tmp_path / "bench.png"
+    r = run("bench", *models(tiny_other, tiny_target), "--max-tokens", 16, "--repeats", 1, "--sweep-k", "1,2", "--out", out, "--plot", png)
     assert r.exit_code == 0, r.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads(out.read_text())
     assert set(report["modes"]) == {"target", "spec", "spec_k1", "spec_k2"}
     assert report["modes"]["spec_k2"]["greedy_output_identical_to_target"] is True
