@@ -15,7 +15,7 @@ from pathlib import Path
 
 DRAFT_VOCAB = 16384
 CORPUS_DIR = Path(__file__).parent / "corpus"
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 
 
 def cache_dir() -> Path:
