@@ -35,6 +35,9 @@ from .pair import TokenMap
 from .sampling import logits_to_probs, sample
 from .verify import DRAFT, TARGET, GreedyVerifier, RejectionVerifier, Verdict, Verifier
 
+# A probe after many target-only steps feeds the draft at most this many recent tokens.
+CATCH_UP_WINDOW = 16
+
 
 @dataclass
 class TokenEvent:
@@ -117,9 +120,13 @@ class AdaptiveDraftLength:
     - *Draft at all?* The model can be wrong (catch-up batches, confidence stops), so we compare
       the MEASURED seconds per emitted token of drafting cycles and of plain target steps, and use
       the faster. The slower one is re-tried now and then (probe); its interval doubles while it
-      stays slower, so a useless draft costs a few percent at most.
+      stays slower. A probe after a long run of target steps re-feeds the draft only the last
+      `CATCH_UP_WINDOW` tokens instead of everything it missed, so a useless draft costs a few
+      percent at most.
     The policy lives on the engine, so what it learned carries over to the next call.
     """
+
+    FIRST_PROBE, PROBE_GROWTH, LAST_PROBE = 8, 4, 256
 
     def __init__(self, k_max: int, decay: float = 0.9):
         self.k_max = k_max
@@ -132,7 +139,7 @@ class AdaptiveDraftLength:
         self.spec_tpt: float | None = None  # measured seconds per token, drafting cycles (EMA)
         self.target_tpt: float | None = None  # measured seconds per token, target steps (EMA)
         self.since_probe = 0
-        self.probe_every = 4
+        self.probe_every = self.FIRST_PROBE
 
     @property
     def alpha(self) -> float:
@@ -159,8 +166,15 @@ class AdaptiveDraftLength:
         ]
         return 1 + int(np.argmin(costs))
 
+    @property
+    def drafting_loses(self) -> bool:
+        """True once measurements say plain target steps are faster."""
+        return self.spec_tpt is not None and self.target_tpt is not None and self.spec_tpt > self.target_tpt
+
     def choose(self, k_max: int | None = None) -> int:
         k_max = self.k_max if k_max is None else min(k_max, self.k_max)
+        if k_max < 1:  # no room left for a draft token
+            return 0
         k = self.best_draft_length(k_max)
         if self.spec_tpt is None:
             return k
@@ -170,7 +184,7 @@ class AdaptiveDraftLength:
         self.since_probe += 1
         if self.since_probe >= self.probe_every:  # re-try the losing option
             self.since_probe = 0
-            self.probe_every = min(self.probe_every * 2, 64)
+            self.probe_every = min(self.probe_every * self.PROBE_GROWTH, self.LAST_PROBE)
             return 0 if drafting_wins else k
         return k if drafting_wins else 0
 
@@ -186,7 +200,7 @@ class AdaptiveDraftLength:
             self.spec_tpt = self._ema(self.spec_tpt, seconds / n_tokens)
         if self.spec_tpt is not None and self.target_tpt is not None:
             if ((self.spec_tpt <= self.target_tpt) != before):
-                self.probe_every = 4  # the winner changed: probe often again
+                self.probe_every = self.FIRST_PROBE  # the winner changed: probe often again
 
     def observe_target(self, n_rows: int, seconds: float) -> None:
         self._s *= self.decay
@@ -246,6 +260,10 @@ class Engine:
         self.context: list[int] = []
         self._eog = set(target.eog_ids().tolist())
         self.policy: AdaptiveDraftLength | None = None  # learned costs carry over between calls
+        # The draft's cache holds context[draft_offset : draft_offset + draft.n_past]. The offset
+        # is 0 unless a probe re-started the draft on a recent window (its proposals then see
+        # less context, which verification makes harmless).
+        self.draft_offset = 0
         self.n_ctx = target.n_ctx if draft is None else min(target.n_ctx, draft.n_ctx)
 
     # -- helpers -------------------------------------------------------------------------------------
@@ -255,11 +273,29 @@ class Engine:
     def _to_target(self, draft_id: int) -> int:
         return draft_id if self.token_map is None else self.token_map.to_target(draft_id)
 
+    def _draft_synced(self) -> int:
+        """Number of context tokens the draft's cache covers (from the start of the context)."""
+        return self.draft_offset + self.draft.n_past
+
+    def _rollback(self, n_keep: int) -> None:
+        """Roll both caches back to at most `n_keep` context tokens (the one place for rewinds)."""
+        # Always ask llama.cpp (cheap): after an interrupt our count may lag its cache.
+        self.target.rollback(min(self.target.n_past, n_keep))
+        if self.draft is not None:
+            if n_keep >= self.draft_offset:
+                self.draft.rollback(min(self.draft.n_past, n_keep - self.draft_offset))
+            else:
+                self.draft.reset()
+                self.draft_offset = n_keep
+
+    def _rebase_draft(self, window: int) -> None:
+        """Restart the draft on the last `window` context tokens (cheaper than a long catch-up)."""
+        self.draft.reset()
+        self.draft_offset = max(len(self.context) - window, 0)
+
     def _trim_caches(self) -> None:
-        """Roll every cache back to at most the committed context (one place for rewinds)."""
-        for model in (self.target, self.draft):
-            if model is not None:
-                model.rollback(min(model.n_past, len(self.context)))
+        """Roll every cache back to at most the committed context."""
+        self._rollback(len(self.context))
 
     def _prepare(self, context_tokens: list[int]) -> int:
         """Make `context_tokens` the context, keeping the longest cached common prefix."""
@@ -277,15 +313,14 @@ class Engine:
             common += 1
         # The last prompt token is always re-evaluated: its logits start the reply.
         keep = min(common, len(context_tokens) - 1)
-        for model in (self.target, self.draft):
-            if model is not None and model.n_past > keep:
-                model.rollback(keep)
+        self._rollback(keep)
         self.context = list(context_tokens)
         return len(context_tokens) - keep
 
     def reset(self) -> None:
         """Forget the context and empty both caches."""
         self.context = []
+        self.draft_offset = 0
         for model in (self.target, self.draft):
             if model is not None:
                 model.reset()
@@ -317,8 +352,12 @@ class Engine:
             t0 = time.perf_counter()
             if n_new > 1:
                 target.eval(self.context[target.n_past : -1], 0)
-                if draft is not None and config.mode != "target":
-                    draft.eval(self._draft_ids(self.context[draft.n_past : -1]), 0)
+                # The draft prefills lazily when measurements say it is not worth running.
+                draft_needed = config.mode == "draft" or (
+                    config.mode == "spec" and not (config.adaptive and policy.drafting_loses)
+                )
+                if draft is not None and draft_needed:
+                    draft.eval(self._draft_ids(self.context[self._draft_synced() : -1]), 0)
             stats.t_prefill = time.perf_counter() - t0
             t_decode0 = time.perf_counter()
 
@@ -370,7 +409,7 @@ class Engine:
     def _draft_step(self, params, rng, stats) -> tuple[list[int], list[str]]:
         """Draft alone: one token from the draft's own distribution."""
         t0 = time.perf_counter()
-        row = self.draft.eval(self._draft_ids(self.context[self.draft.n_past :]), 1)[0]
+        row = self.draft.eval(self._draft_ids(self.context[self._draft_synced() :]), 1)[0]
         stats.t_draft += time.perf_counter() - t0
         draft_id = int(np.argmax(row)) if params.greedy else sample(logits_to_probs(row, params), rng)
         return [self._to_target(draft_id)], [DRAFT]
@@ -385,7 +424,10 @@ class Engine:
         draft_rows: list[np.ndarray | None] = []
         if k > 0:
             t0 = time.perf_counter()
-            feed = self._draft_ids(self.context[draft.n_past :])
+            pending = len(self.context) - self._draft_synced()
+            if pending > CATCH_UP_WINDOW and config.mode == "spec":
+                self._rebase_draft(CATCH_UP_WINDOW)
+            feed = self._draft_ids(self.context[self._draft_synced() :])
             n_calls = 0
             for _ in range(k):
                 row = draft.eval(feed, 1)[0]
@@ -435,10 +477,7 @@ class Engine:
             stats.n_target_steps += 1
 
         # 4. Roll back whatever was evaluated beyond the accepted prefix.
-        n_keep = n_committed + verdict.num_accepted
-        target.rollback(n_keep)
-        if draft is not None and draft.n_past > n_keep:
-            draft.rollback(n_keep)
+        self._rollback(n_committed + verdict.num_accepted)
 
         # 5. The tokens to emit, with their provenance.
         accepted = draft_tokens[: verdict.num_accepted]
