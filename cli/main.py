@@ -145,12 +145,16 @@ def chat(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose, syste
         if message == "/stats":
             click.echo(format_stats(last_stats) if last_stats else "(no reply yet)", err=True)
             continue
+        started = False  # the reply's leading space (after "Assistant:") is not worth printing
         try:
             for event in session.send(message, config):
                 if hasattr(event, "stats"):
                     last_stats = event.stats
                 elif event.text:
-                    text = event.text
+                    text = event.text if started else event.text.lstrip()
+                    if not text:
+                        continue
+                    started = True
                     if color and event.source != "target":
                         text = DIM_GREEN + text + RESET
                     sys.stdout.write(text)
