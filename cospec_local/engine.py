@@ -351,12 +351,16 @@ class Engine:
             # Prefill: everything but the last prompt token, without logits.
             t0 = time.perf_counter()
             if n_new > 1:
-                target.eval(self.context[target.n_past : -1], 0)
+                if config.mode != "draft":
+                    target.eval(self.context[target.n_past : -1], 0)
                 # The draft prefills lazily when measurements say it is not worth running.
                 draft_needed = config.mode == "draft" or (
                     config.mode == "spec" and not (config.adaptive and policy.drafting_loses)
                 )
                 if draft is not None and draft_needed:
+                    if self.draft_offset > 0:  # a probe left it on a short window: see everything
+                        draft.reset()
+                        self.draft_offset = 0
                     draft.eval(self._draft_ids(self.context[self._draft_synced() : -1]), 0)
             stats.t_prefill = time.perf_counter() - t0
             t_decode0 = time.perf_counter()
@@ -407,7 +411,10 @@ class Engine:
         yield DoneEvent(finish, stats)
 
     def _draft_step(self, params, rng, stats) -> tuple[list[int], list[str]]:
-        """Draft alone: one token from the draft's own distribution."""
+        """Draft alone: one token from the draft's own distribution, over the whole context."""
+        if self.draft_offset > 0:
+            self.draft.reset()
+            self.draft_offset = 0
         t0 = time.perf_counter()
         row = self.draft.eval(self._draft_ids(self.context[self._draft_synced() :]), 1)[0]
         stats.t_draft += time.perf_counter() - t0
@@ -451,15 +458,19 @@ class Engine:
             stats.t_draft += dt
             policy.observe_draft_step(dt / n_calls)
 
-        # 2. Target scores [pending..., x_1..x_k] in one batch, k + 1 logit rows.
+        # 2. Target scores [last, x_1..x_k] in one batch, k + 1 logit rows.
+        pending = self.context[target.n_past :]
+        if len(pending) > 1:  # catch up first (after draft-only calls): keep the batch exact-sized
+            t0 = time.perf_counter()
+            target.eval(pending[:-1], 0)
+            stats.t_target += time.perf_counter() - t0
+            pending = pending[-1:]
         t0 = time.perf_counter()
         n_rows = len(draft_tokens) + 1
-        pending = self.context[target.n_past :]
         target_logits = target.eval(pending + draft_tokens, n_rows)
         dt = time.perf_counter() - t0
         stats.t_target += dt
-        if len(pending) == 1:  # a catch-up batch would distort the cost model
-            policy.observe_target(n_rows, dt)
+        policy.observe_target(n_rows, dt)
 
         # 3. Verify.
         if draft_tokens:

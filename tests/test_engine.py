@@ -226,3 +226,24 @@ def test_verification_batch_never_exceeds_the_exact_size(tiny_target):
     with load_pair(tiny_target, tiny_target, n_ctx=512, n_threads=1) as pair:
         out = greedy(pair, PROMPTS[0], draft_max=20, adaptive=False, max_tokens=60)
         assert max(out.stats.draft_lengths) == EXACT_CPU_BATCH - 1
+
+
+def test_modes_interleaved_on_one_engine_match_fresh_runs(tiny_target, tiny_other):
+    """What `eval` does: target, draft and spec calls back to back on one engine. A draft left on
+    a short window by a probe must still see the whole context in draft mode; the target must be
+    caught up after draft-only calls without breaking exactness."""
+    with load_pair(None, tiny_other, n_ctx=1024, n_threads=1) as alone:
+        draft_ref = [greedy(alone, p, mode="target", max_tokens=30).tokens for p in PROMPTS]
+    with load_pair(None, tiny_target, n_ctx=1024, n_threads=1) as alone:
+        target_ref = [greedy(alone, p, mode="target", max_tokens=30).tokens for p in PROMPTS]
+    with load_pair(tiny_other, tiny_target, n_ctx=1024, n_threads=1) as pair:
+        greedy(pair, PROMPTS[0], mode="spec", draft_p_min=0.0, max_tokens=200)  # backs off, probes
+        for i, prompt in enumerate(PROMPTS):
+            assert greedy(pair, prompt, mode="draft", max_tokens=30).tokens == draft_ref[i]
+            assert greedy(pair, prompt, mode="spec", max_tokens=30).tokens == target_ref[i]
+            assert greedy(pair, prompt, mode="target", max_tokens=30).tokens == target_ref[i]
+        # Continue a draft-only context in spec mode: the target catches up first.
+        ctx = pair.tokenize(PROMPTS[1]) + greedy(pair, PROMPTS[1], mode="draft", max_tokens=20).tokens
+        spec = greedy(pair, ctx, mode="spec", draft_max=6, adaptive=False, max_tokens=20)
+        pair.engine.reset()
+        assert spec.tokens == greedy(pair, ctx, mode="target", max_tokens=20).tokens
