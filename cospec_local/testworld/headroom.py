@@ -9,12 +9,11 @@ For each held-out problem:
    bound for a policy that arbitrates only the first disagreement.
 
 Also measures the per-token decode cost of a model in llama.cpp (`decode_cost_ms`).
-Drives llama.cpp through `llama_cpp.Llama` directly (models here are tiny, a few ms per problem).
+Runs the models through `cospec_local.backend` (models here are tiny, a few ms per problem).
 """
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -22,57 +21,44 @@ from pathlib import Path
 
 import numpy as np
 
+from cospec_local.backend import LlamaModel, LoadOptions
+from cospec_local.evaluate import wilson_interval
 from cospec_local.testworld.gguf_export import EOS_ID, CharVocab
 from cospec_local.testworld.tasks import Problem, check, problems
 
 MAX_NEW_TOKENS = 200  # the longest reference solution is ~110 characters
 
 
-def load_model(path: str | Path, n_threads: int = 1, n_ctx: int = 512):
-    """A llama_cpp.Llama for a test-world GGUF (logits for the last row only)."""
-    import llama_cpp  # heavy import, only where models are run
-
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads,
-                           n_threads_batch=n_threads, logits_all=False, verbose=False)
+def load_model(path: str | Path, n_threads: int = 1, n_ctx: int = 512) -> LlamaModel:
+    """A test-world GGUF loaded through the package's llama.cpp backend."""
+    return LlamaModel(path, LoadOptions(n_ctx=n_ctx, n_threads=n_threads))
 
 
-def last_argmax(model) -> int:
-    """Greedy token after everything evaluated so far.
-
-    Reads llama.cpp's last logits row directly: with logits_all=False, `Llama.eval` in
-    llama-cpp-python 0.3.36 no longer copies logits into `Llama.scores`.
-    """
-    import llama_cpp
-
-    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(model.ctx, -1), shape=(model.n_vocab(),))
-    return int(np.argmax(logits))
-
-
-def greedy_continue(model, prefix_ids: list[int], max_new: int = MAX_NEW_TOKENS) -> list[int]:
+def greedy_continue(model: LlamaModel, prefix_ids: list[int], max_new: int = MAX_NEW_TOKENS) -> list[int]:
     """Target-style greedy decoding from a fresh context: new tokens after `prefix_ids`, EOS excluded."""
     model.reset()
-    model.eval(prefix_ids)
+    row = model.eval(prefix_ids, 1)[0]
     new_ids: list[int] = []
     for _ in range(max_new):
-        token = last_argmax(model)
+        token = int(np.argmax(row))
         if token == EOS_ID:
             break
         new_ids.append(token)
-        model.eval([token])
+        row = model.eval([token], 1)[0]
     return new_ids
 
 
-def first_disagreement(model, prompt_ids: list[int], reference_ids: list[int]) -> tuple[int, int] | None:
+def first_disagreement(model: LlamaModel, prompt_ids: list[int], reference_ids: list[int]) -> tuple[int, int] | None:
     """(position, model's token) of the first place where `model`'s greedy choice differs from
     `reference_ids` (a completion of `prompt_ids` that ends with an implicit EOS); None if it never does."""
     model.reset()
-    model.eval(prompt_ids)
+    row = model.eval(prompt_ids, 1)[0]
     for position, reference in enumerate(reference_ids + [EOS_ID]):
-        token = last_argmax(model)
+        token = int(np.argmax(row))
         if token != reference:
             return position, token
         if reference != EOS_ID:
-            model.eval([reference])
+            row = model.eval([reference], 1)[0]
     return None
 
 
@@ -109,16 +95,6 @@ def evaluate_problem(problem: Problem, target, draft, vocab: CharVocab) -> Probl
                                                max_new=MAX_NEW_TOKENS - len(forced))
     swapped_correct = check(problem.family, vocab.decode(swapped_ids), problem.answer)
     return ProblemOutcome(target_correct, draft_correct, position, swapped_correct)
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 @dataclass
@@ -169,24 +145,17 @@ def measure_headroom(target_path: str | Path, draft_path: str | Path, family: st
 
 
 def decode_cost_ms(path: str | Path, n_threads: int = 2, n_steps: int = 200, repeats: int = 5) -> float:
-    """Median over `repeats` of the mean time (ms) of one single-token `llama_decode` (last-row
-    logits), after a 20-token prompt. Calls llama_decode directly so Python wrapper work is excluded."""
-    import llama_cpp
-
+    """Median over `repeats` of the mean time (ms) of one single-token decode with last-row
+    logits, after a 20-token prompt."""
     model = load_model(path, n_threads=n_threads)
     prompt = CharVocab().encode("Q: 4571+3689=?\n1+9+")
-    token_buffer = (llama_cpp.llama_token * 1)()
     means = []
     for _ in range(repeats):
         model.reset()
-        model.eval(prompt)  # fills the KV cache for positions 0..19
-        memory = llama_cpp.llama_get_memory(model.ctx)
+        model.eval(prompt, 0)  # fills the KV cache for positions 0..19
         started = time.perf_counter()
         for step in range(n_steps):
-            token_buffer[0] = prompt[1 + step % (len(prompt) - 1)]
-            batch = llama_cpp.llama_batch_get_one(token_buffer, 1)
-            if llama_cpp.llama_decode(model.ctx, batch) != 0:
-                raise RuntimeError("llama_decode failed while timing")
+            model.eval([prompt[1 + step % (len(prompt) - 1)]], 1)
         means.append((time.perf_counter() - started) * 1e3 / n_steps)
-        llama_cpp.llama_memory_clear(memory, True)
+    model.close()
     return statistics.median(means)
