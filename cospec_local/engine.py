@@ -32,7 +32,7 @@ import numpy as np
 from .config import GenerationConfig
 from .errors import ContextOverflowError
 from .pair import TokenMap
-from .sampling import logits_to_probs, sample
+from .sampling import logits_to_probs, sample, sample_logits
 from .verify import DRAFT, TARGET, GreedyVerifier, RejectionVerifier, Verdict, Verifier
 
 # A probe after many target-only steps feeds the draft at most this many recent tokens.
@@ -418,7 +418,7 @@ class Engine:
         t0 = time.perf_counter()
         row = self.draft.eval(self._draft_ids(self.context[self._draft_synced() :]), 1)[0]
         stats.t_draft += time.perf_counter() - t0
-        draft_id = int(np.argmax(row)) if params.greedy else sample(logits_to_probs(row, params), rng)
+        draft_id = sample_logits(row, params, rng)
         return [self._to_target(draft_id)], [DRAFT]
 
     def _cycle(self, k, config, params, rng, verifier, policy, stats) -> tuple[list[int], list[str]]:
@@ -482,9 +482,7 @@ class Engine:
             stats.draft_lengths.append(len(draft_tokens))
             policy.observe_acceptance(len(draft_tokens), verdict.num_accepted)
         else:
-            row = target_logits[0]
-            token = int(np.argmax(row)) if params.greedy else sample(logits_to_probs(row, params), rng)
-            verdict = Verdict(0, token, False)
+            verdict = Verdict(0, sample_logits(target_logits[0], params, rng), False)
             stats.n_target_steps += 1
 
         # 4. Roll back whatever was evaluated beyond the accepted prefix.

@@ -82,16 +82,26 @@ def logits_to_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
 
     Greedy params give a one-hot row at the argmax.
     """
-    logits = np.asarray(logits, dtype=np.float64)
     probs = np.zeros(logits.shape[-1], dtype=np.float64)
     if params.greedy:
         probs[int(np.argmax(logits))] = 1.0
         return probs
+    # Filter on the float32 row; only the survivors go to float64 (262k-wide rows are common).
     ids = candidates(logits, params)
     if ids is None:
-        return _softmax(logits / params.temperature)
-    probs[ids] = _softmax(logits[ids] / params.temperature)
+        return _softmax(np.asarray(logits, dtype=np.float64) / params.temperature)
+    probs[ids] = _softmax(logits[ids].astype(np.float64) / params.temperature)
     return probs
+
+
+def sample_logits(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """One token from a row of logits (argmax when greedy), without building a dense row."""
+    if params.greedy:
+        return int(np.argmax(logits))
+    ids = candidates(logits, params)
+    if ids is None:
+        return sample(_softmax(np.asarray(logits, dtype=np.float64) / params.temperature), rng)
+    return int(ids[sample(_softmax(logits[ids].astype(np.float64) / params.temperature), rng)])
 
 
 def sample(probs: np.ndarray, rng: np.random.Generator) -> int:

@@ -100,6 +100,25 @@ class GreedyVerifier:
         return verify_greedy(draft_tokens, target_logits)
 
 
+class LazyProbs:
+    """Rows of logits turned into processed distributions only when first read: verification
+    usually stops before the last row, and each 262k-wide row costs about a millisecond."""
+
+    def __init__(self, logits: np.ndarray, params: SamplingParams):
+        self.logits = logits
+        self.params = params
+        self._rows: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.logits)
+
+    def __getitem__(self, j: int) -> np.ndarray:
+        row = self._rows.get(j)
+        if row is None:
+            row = self._rows[j] = logits_to_probs(self.logits[j], self.params)
+        return row
+
+
 class RejectionVerifier:
     """Output distribution equal to target-only sampling with the same `SamplingParams`."""
 
@@ -107,5 +126,4 @@ class RejectionVerifier:
         self.params = params
 
     def verify(self, draft_tokens, draft_rows, target_logits, rng) -> Verdict:
-        target_probs = [logits_to_probs(row, self.params) for row in target_logits]
-        return verify_rejection(draft_tokens, draft_rows, target_probs, rng)
+        return verify_rejection(draft_tokens, draft_rows, LazyProbs(target_logits, self.params), rng)
