@@ -32,6 +32,20 @@ class GenerationResult:
     stats: GenerationStats
 
 
+def collect(events) -> GenerationResult:
+    """Run a stream of engine events to the end and gather them into a GenerationResult."""
+    parts, tokens, sources, done = [], [], [], None
+    for event in events:
+        if isinstance(event, DoneEvent):
+            done = event
+        else:
+            parts.append(event.text)
+            if event.token >= 0:  # -1: held-back text flushed at the end
+                tokens.append(event.token)
+                sources.append(event.source)
+    return GenerationResult("".join(parts), tokens, sources, done.finish_reason, done.stats)
+
+
 class Pair:
     """A target model and an optional draft, checked for compatibility, sharing one engine."""
 
@@ -95,17 +109,7 @@ class Pair:
         self, prompt: str | list[int], config: GenerationConfig | None = None, verifier: Verifier | None = None, **overrides
     ) -> GenerationResult:
         """Generate a completion of `prompt` and return it with its statistics."""
-        parts, tokens, sources = [], [], []
-        done = None
-        for event in self.stream(prompt, config, verifier, **overrides):
-            if isinstance(event, DoneEvent):
-                done = event
-            else:
-                parts.append(event.text)
-                if event.token >= 0:
-                    tokens.append(event.token)
-                    sources.append(event.source)
-        return GenerationResult("".join(parts), tokens, sources, done.finish_reason, done.stats)
+        return collect(self.stream(prompt, config, verifier, **overrides))
 
     def chat(self, system: str | None = None) -> "ChatSession":
         """A multi-turn chat using the target's chat template (or a transcript for base models)."""
@@ -166,16 +170,7 @@ class ChatSession:
 
     def say(self, user_text: str, config: GenerationConfig | None = None, **overrides) -> GenerationResult:
         """Send a message and return the whole reply."""
-        parts, tokens, sources, done = [], [], [], None
-        for event in self.send(user_text, config, **overrides):
-            if isinstance(event, DoneEvent):
-                done = event
-            else:
-                parts.append(event.text)
-                if event.token >= 0:
-                    tokens.append(event.token)
-                    sources.append(event.source)
-        return GenerationResult("".join(parts), tokens, sources, done.finish_reason, done.stats)
+        return collect(self.send(user_text, config, **overrides))
 
 
 def load_pair(draft: str | os.PathLike | None, target: str | os.PathLike, **options) -> Pair:
