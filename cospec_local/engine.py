@@ -447,9 +447,7 @@ class Engine:
                     probs = logits_to_probs(row, params)
                     draft_id = sample(probs, rng)
                     top_prob = float(probs.max())
-                    draft_rows.append(
-                        probs if self.token_map is None else self.token_map.scatter_to_target(probs, target.n_vocab)
-                    )
+                    draft_rows.append(probs if self.token_map is None else self.token_map.row(probs))
                 draft_tokens.append(self._to_target(draft_id))
                 feed = [draft_id]
                 if top_prob < config.draft_p_min:

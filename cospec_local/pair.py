@@ -43,11 +43,28 @@ class TokenMap:
     def to_target(self, draft_id: int) -> int:
         return int(self.draft_to_target[draft_id])
 
-    def scatter_to_target(self, draft_row: np.ndarray, n_target_vocab: int) -> np.ndarray:
-        """A draft-vocabulary distribution as a target-vocabulary row (zeros where the draft lacks a token)."""
-        out = np.zeros(n_target_vocab, dtype=np.float64)
-        out[self.draft_to_target] = draft_row
-        return out
+    def row(self, draft_probs: np.ndarray) -> "MappedRow":
+        """A draft distribution read in target ids, without building a target-wide array."""
+        return MappedRow(draft_probs, self)
+
+
+class MappedRow:
+    """A draft-vocabulary distribution seen as a row over TARGET ids (zero where the draft lacks
+    a token). Supports what rejection sampling needs: `row[target_id]` and `residual_from(p)`."""
+
+    def __init__(self, draft_probs: np.ndarray, token_map: TokenMap):
+        self.draft_probs = draft_probs
+        self.map = token_map
+
+    def __getitem__(self, target_id: int) -> float:
+        draft_id = self.map.target_to_draft[target_id]
+        return float(self.draft_probs[draft_id]) if self.map.draft_to_target[draft_id] == target_id else 0.0
+
+    def residual_from(self, target_probs: np.ndarray) -> np.ndarray:
+        """max(0, p - q) over target ids."""
+        out = target_probs.copy()
+        out[self.map.draft_to_target] -= self.draft_probs
+        return np.maximum(out, 0.0, out=out)
 
 
 def read_draft_map(path) -> np.ndarray | None:

@@ -2,7 +2,8 @@
 
 Glossary (used across the package):
 - draft tokens `x_1..x_k`: what the draft proposed, in TARGET ids;
-- `draft_probs[j]`: the draft's processed distribution the j-th token was drawn from (target ids);
+- `draft_probs[j]`: the draft's processed distribution the j-th token was drawn from, indexed by
+  target ids (a numpy row, or a `pair.MappedRow` for drafts with a trimmed vocabulary);
 - `target_probs[j]` / `target_logits[j]`: the target's row at the position of `x_{j+1}`; there are
   k + 1 rows, the last one follows all k draft tokens;
 - accepted tokens: the draft tokens kept, always a prefix `x_1..x_m` (m = `num_accepted`);
@@ -86,7 +87,8 @@ def verify_rejection(
         # q[token] > 0 always: the draft sampled it from q.
         if rng.random() * q[token] <= p[token]:
             continue
-        residual = np.maximum(p - q, 0.0)
+        # Mapped draft rows (trimmed vocabularies) compute this without a target-wide copy of q.
+        residual = q.residual_from(p) if hasattr(q, "residual_from") else np.maximum(p - q, 0.0)
         if residual.sum() <= 0.0:  # p == q up to rounding: any draw from p is right
             residual = p
         return Verdict(j, sample(residual, rng), False)

@@ -247,3 +247,26 @@ def test_modes_interleaved_on_one_engine_match_fresh_runs(tiny_target, tiny_othe
         spec = greedy(pair, ctx, mode="spec", draft_max=6, adaptive=False, max_tokens=20)
         pair.engine.reset()
         assert spec.tokens == greedy(pair, ctx, mode="target", max_tokens=20).tokens
+
+
+def test_speculative_sampling_with_a_trimmed_draft_matches_target_distribution(tmp_path, tiny_target):
+    """Rejection sampling through the draft->target token map (MappedRow): first-token
+    distribution equals the target's, including target tokens the draft cannot propose."""
+    from cospec_local.draft_maker import make_draft
+    from cospec_local.sampling import SamplingParams, logits_to_probs
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat on the mat\n\n" * 5)
+    draft = make_draft(tiny_target, tmp_path / "d.gguf", [corpus], vocab_size=4, progress=False).path
+    params = dict(temperature=1.5, top_k=6, top_p=1.0, min_p=0.0)
+    with load_pair(draft, tiny_target, n_ctx=256, n_threads=1) as pair:
+        prompt = pair.tokenize("the")
+        p1 = logits_to_probs(pair.target.eval(prompt, 1)[0].copy(), SamplingParams(**params))
+        pair.engine.reset()
+        counts = np.zeros(len(p1))
+        for seed in range(3000):
+            r = pair.generate(prompt, mode="spec", max_tokens=1, seed=seed, draft_max=1, adaptive=False, draft_p_min=0.0, **params)
+            counts[r.tokens[0]] += 1
+        support = np.flatnonzero(p1)
+        assert_matches(counts[support], p1[support])
+        assert counts.sum() == counts[support].sum()

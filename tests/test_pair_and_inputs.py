@@ -44,8 +44,13 @@ def test_token_map_both_ways():
     assert m.to_draft([7, 9, 2]) == [3, 4, 2]
     assert m.to_draft([5]) == [0]  # absent from the draft: its unknown token
     assert m.n_missing == 5
-    row = m.scatter_to_target(np.array([0.1, 0.2, 0.3, 0.25, 0.15]), 10)
-    assert row[7] == 0.25 and row[5] == 0.0 and np.isclose(row.sum(), 1.0)
+    draft_probs = np.array([0.1, 0.2, 0.3, 0.25, 0.15])
+    row = m.row(draft_probs)
+    dense = np.zeros(10)
+    dense[[0, 1, 2, 7, 9]] = draft_probs
+    assert [row[t] for t in range(10)] == dense.tolist()
+    target_probs = np.linspace(1, 10, 10) / 55
+    np.testing.assert_allclose(row.residual_from(target_probs), np.maximum(target_probs - dense, 0))
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
