@@ -123,7 +123,7 @@ def learning_rate(spec: ModelSpec, step: int) -> float:
     return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def load_gguf_weights(path: Path) -> dict[str, "np.ndarray"]:
+def load_gguf_weights(path: Path) -> dict[str, "numpy.ndarray"]:
     """GGUF tensor name -> float32 array (PyTorch (out, in) shape) of a file written by this recipe."""
     import gguf
 
