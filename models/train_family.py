@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -123,7 +124,7 @@ def learning_rate(spec: ModelSpec, step: int) -> float:
     return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def load_gguf_weights(path: Path) -> dict[str, "numpy.ndarray"]:
+def load_gguf_weights(path: Path) -> dict[str, np.ndarray]:
     """GGUF tensor name -> float32 array (PyTorch (out, in) shape) of a file written by this recipe."""
     import gguf
 
