@@ -113,3 +113,23 @@ def test_bench_command(tmp_path, tiny_target, tiny_other):
     assert set(report["modes"]) == {"target", "spec", "spec_k1", "spec_k2"}
     assert report["modes"]["spec_k2"]["greedy_output_identical_to_target"] is True
     assert 0 < report["costs"]["c"]
+
+
+def test_chat_survives_ctrl_c_during_a_reply(tiny_target, monkeypatch):
+    from cospec_local.api import ChatSession
+
+    real_send = ChatSession.send
+    calls = {"n": 0}
+
+    def send(self, text, config=None, **kw):
+        calls["n"] += 1
+        for i, event in enumerate(real_send(self, text, config, **kw)):
+            if calls["n"] == 1 and i == 3:
+                raise KeyboardInterrupt  # what Ctrl-C does in the middle of the first reply
+            yield event
+
+    monkeypatch.setattr(ChatSession, "send", send)
+    r = run("chat", *models(tiny_target, tiny_target), "--temperature", 0, "--max-tokens", 10, "--no-color", input="first\nsecond\n")
+    assert r.exit_code == 0, r.output
+    assert "(interrupted)" in r.stderr
+    assert calls["n"] == 2  # the session went on to the second message

@@ -270,3 +270,21 @@ def test_speculative_sampling_with_a_trimmed_draft_matches_target_distribution(t
         support = np.flatnonzero(p1)
         assert_matches(counts[support], p1[support])
         assert counts.sum() == counts[support].sum()
+
+
+def test_interrupting_a_chat_reply_keeps_the_session_usable(tiny_target, tiny_other):
+    """Ctrl-C mid-reply: the partial reply stays in the conversation, caches stay consistent,
+    and the next turn equals what a session that saw the same partial reply produces."""
+    with load_pair(tiny_other, tiny_target, n_ctx=1024, n_threads=1) as pair:
+        chat = pair.chat()
+        stream = chat.send("hello there", temperature=0, max_tokens=40)
+        shown = "".join(next(stream).text for _ in range(6))
+        with pytest.raises(KeyboardInterrupt):
+            stream.throw(KeyboardInterrupt)
+        assert chat.messages[-1] == {"role": "assistant", "content": shown.strip()}
+        assert pair.target.n_past <= len(pair.engine.context)
+        after = chat.say("and then?", temperature=0, max_tokens=20).tokens
+        context = list(pair.engine.context)
+    with load_pair(None, tiny_target, n_ctx=1024, n_threads=1) as alone:
+        ref = greedy(alone, context[: len(context) - len(after)], mode="target", max_tokens=20).tokens
+    assert after == ref
