@@ -12,7 +12,6 @@ from cospec_local.testworld.tasks import (
     extract_answer,
     load_jsonl_tasks,
     make_add_problem,
-    make_count_problem,
     make_problem,
     problems,
 )
@@ -96,16 +95,3 @@ def test_load_jsonl_tasks(tmp_path):
     path.write_text(json.dumps({"prompt": "no answer"}) + "\n")
     with pytest.raises(ValueError, match=":1:"):
         load_jsonl_tasks(path)
-
-
-def test_thin_first_match_makes_strings_starting_with_the_letter_rare():
-    def starts_with_letter(problem):
-        words = problem.prompt.split()  # "Q: count b in cabbd=?"
-        return words[4][0] == words[2]
-
-    thinned = [make_count_problem(seed, thin_first_match_keep=0.02) for seed in range(2000)]
-    assert sum(map(starts_with_letter, thinned)) < 20  # ~0.4%, against ~20% in the eval split
-    assert sum(map(starts_with_letter, problems("count", "eval", 2000))) > 300
-    assert all(check("count", p.solution, p.answer) for p in thinned[:200])
-    # The default (evaluation) distribution is unchanged by the new option.
-    assert make_count_problem(7) == make_count_problem(7, thin_first_match_keep=1.0)

@@ -79,21 +79,15 @@ def make_add_problem(seed: int, thin_sums: tuple[int, ...] = (), thin_keep: floa
     return Problem("add", f"Q: {a}+{b}=?\n", answer, solution, seed)
 
 
-def make_count_problem(seed: int, max_length: int = 20, thin_first_match_keep: float = 1.0) -> Problem:
+def make_count_problem(seed: int, max_length: int = 20) -> Problem:
     """Letter-counting problem for `seed`, solved with a running tally.
 
     The string has 5..20 letters (the evaluation distribution); a smaller `max_length` gives a model
-    training data without long strings. `thin_first_match_keep` < 1 makes strings that START with
-    the counted letter rare (kept with that probability, otherwise drawn again): a model trained on
-    such data is weak at exactly one step, the first tally.
+    training data without long strings.
     """
-    default = max_length == 20 and thin_first_match_keep == 1.0
-    rng = random.Random(f"count:{seed}" if default else f"count:{seed}:{max_length}:{thin_first_match_keep}")
+    rng = random.Random(f"count:{seed}" if max_length == 20 else f"count:{seed}:{max_length}")
     letter = rng.choice(COUNT_ALPHABET)
-    while True:
-        text = "".join(rng.choice(COUNT_ALPHABET) for _ in range(rng.randint(5, max_length)))
-        if text[0] != letter or thin_first_match_keep >= 1.0 or rng.random() < thin_first_match_keep:
-            break
+    text = "".join(rng.choice(COUNT_ALPHABET) for _ in range(rng.randint(5, max_length)))
     tally, steps = 0, []
     for ch in text:
         tally += ch == letter
