@@ -161,3 +161,17 @@ def test_host_memory_does_not_grow_with_context_times_vocab(tmp_path):
         grown = _rss_mb() - before
     # KV cache (65536 x 1 layer x 2 x 32 x f16 = 8 MB), weights (~5 MB), one batch of logits rows.
     assert grown < 400, f"host memory grew by {grown:.0f} MB"
+
+
+def test_a_model_that_cannot_roll_back_gets_a_clear_error(tiny_target, monkeypatch):
+    """Recurrent/hybrid models cannot drop a suffix of their memory: llama_memory_seq_rm then
+    returns False, and speculative decoding must say so instead of decoding garbage."""
+    import llama_cpp
+
+    from cospec_local import RollbackError
+
+    with load_pair(tiny_target, tiny_target, n_ctx=256, n_threads=1) as pair:
+        pair.generate("the cat", temperature=0, max_tokens=5)
+        monkeypatch.setattr(llama_cpp, "llama_memory_seq_rm", lambda *args: False)
+        with pytest.raises(RollbackError, match="cannot remove part of this model's memory"):
+            pair.generate("the dog", temperature=0, max_tokens=5)
