@@ -147,8 +147,6 @@ class LlamaModel:
         self.n_batch = llama_cpp.llama_n_batch(self._ctx)  # llama.cpp caps it at n_ctx
         self.n_threads = n_threads
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
-        # Rows the output head produces; can differ from the tokenizer's size in odd conversions.
-        self.n_logits_width = self.n_vocab
         self.n_past = 0  # tokens currently in the KV cache
         # Largest batch whose logits equal single-token logits bit for bit. Measured on the CPU
         # build (no llamafile, no repacking, no flash attention): batches of up to 7 tokens match
@@ -229,10 +227,6 @@ class LlamaModel:
     def add_bos(self) -> bool:
         return bool(self._lib.llama_vocab_get_add_bos(self._vocab))
 
-    def is_eog(self, token: int) -> bool:
-        """True for end-of-generation tokens (EOS, EOT, <end_of_turn>, ...)."""
-        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
-
     def eog_ids(self) -> np.ndarray:
         """All end-of-generation token ids (scans the vocabulary once)."""
         is_eog = self._lib.llama_vocab_is_eog
@@ -242,9 +236,6 @@ class LlamaModel:
         """The vocabulary entry of `token` as stored in the GGUF (e.g. '▁the', '<0x0A>')."""
         raw = self._lib.llama_vocab_get_text(self._vocab, token)
         return raw.decode("utf-8", "replace") if raw else ""
-
-    def token_attr(self, token: int) -> int:
-        return int(self._lib.llama_vocab_get_attr(self._vocab, token))
 
     def n_params(self) -> int:
         return int(self._lib.llama_model_n_params(self._model))

@@ -112,7 +112,7 @@ def run_bench(
     """Interleaved target-only vs speculative runs; returns a JSON-ready report."""
     from tqdm import tqdm
 
-    base = (config or GenerationConfig()).with_(temperature=0.0) if config is None else config
+    base = config or GenerationConfig(temperature=0.0)
     spec_configs = {"spec": replace(base, mode="spec")}
     for k in sweep_k or []:
         spec_configs[f"spec_k{k}"] = replace(base, mode="spec", draft_max=k, adaptive=False)
@@ -120,12 +120,16 @@ def run_bench(
 
     costs = measure_costs(pair)
     runs = {name: [] for name in ["target", *spec_configs]}
+    # Each mode keeps its own draft-length policy: fixed-k runs must not teach the adaptive one.
+    policies = {name: None for name in runs}
     bar = tqdm(total=repeats * len(runs), desc="bench", disable=not progress)
     for rep in range(repeats):
         order = ["target", *spec_configs] if rep % 2 == 0 else [*spec_configs, "target"]
         for name in order:
             cfg = target_config if name == "target" else spec_configs[name]
+            pair.engine.policy = policies[name]
             runs[name].append(_run(pair, cfg, prompts, max_tokens))
+            policies[name] = pair.engine.policy
             bar.update(1)
     bar.close()
 
@@ -146,7 +150,6 @@ def run_bench(
         rejections = sum(1 for a, d in zip(accepted, drafted) if a < d)
         alpha = sum(accepted) / (sum(accepted) + rejections) if cycles else 0.0
         gamma = sum(drafted) / cycles if cycles else 0.0
-        lengths = accepted
         t_decode = sum(t["t_decode"] for t in runs[name])
         same = all(a["outputs"] == b["outputs"] for a, b in zip(runs[name], runs["target"]))
         report["modes"][name] = {
@@ -157,12 +160,12 @@ def run_bench(
             "acceptance_rate": sum(accepted) / sum(drafted) if cycles else 0.0,
             "alpha": alpha,
             "mean_draft_length": gamma,
-            "mean_accepted_length": float(np.mean(lengths)) if lengths else 0.0,
+            "mean_accepted_length": float(np.mean(accepted)) if accepted else 0.0,
             "target_steps": sum(t["target_steps"] for t in runs[name]),
             "cycles": cycles,
             "python_overhead_share": sum(t["t_overhead"] for t in runs[name]) / t_decode if t_decode else 0.0,
             "predicted_speedup": predicted_speedup(alpha, gamma, costs["c"]) if cycles else 1.0,
-            "accepted_length_histogram": np.bincount(lengths).tolist() if lengths else [],
+            "accepted_length_histogram": np.bincount(accepted).tolist() if accepted else [],
             "greedy_output_identical_to_target": same if base.temperature == 0 else None,
         }
         m = report["modes"][name]

@@ -293,6 +293,12 @@ class Engine:
         self.draft.reset()
         self.draft_offset = max(len(self.context) - window, 0)
 
+    def _draft_full_context(self) -> None:
+        """Undo a probe's short window: the draft restarts at position 0 (it then prefills all)."""
+        if self.draft_offset > 0:
+            self.draft.reset()
+            self.draft_offset = 0
+
     def _trim_caches(self) -> None:
         """Roll every cache back to at most the committed context."""
         self._rollback(len(self.context))
@@ -358,9 +364,7 @@ class Engine:
                     config.mode == "spec" and not (config.adaptive and policy.drafting_loses)
                 )
                 if draft is not None and draft_needed:
-                    if self.draft_offset > 0:  # a probe left it on a short window: see everything
-                        draft.reset()
-                        self.draft_offset = 0
+                    self._draft_full_context()
                     draft.eval(self._draft_ids(self.context[self._draft_synced() : -1]), 0)
             stats.t_prefill = time.perf_counter() - t0
             t_decode0 = time.perf_counter()
@@ -412,9 +416,7 @@ class Engine:
 
     def _draft_step(self, params, rng, stats) -> tuple[list[int], list[str]]:
         """Draft alone: one token from the draft's own distribution, over the whole context."""
-        if self.draft_offset > 0:
-            self.draft.reset()
-            self.draft_offset = 0
+        self._draft_full_context()
         t0 = time.perf_counter()
         row = self.draft.eval(self._draft_ids(self.context[self._draft_synced() :]), 1)[0]
         stats.t_draft += time.perf_counter() - t0
@@ -432,7 +434,7 @@ class Engine:
         if k > 0:
             t0 = time.perf_counter()
             pending = len(self.context) - self._draft_synced()
-            if pending > CATCH_UP_WINDOW and config.mode == "spec":
+            if pending > CATCH_UP_WINDOW:
                 self._rebase_draft(CATCH_UP_WINDOW)
             feed = self._draft_ids(self.context[self._draft_synced() :])
             n_calls = 0
@@ -441,7 +443,8 @@ class Engine:
                 n_calls += 1
                 if params.greedy:
                     draft_id = int(np.argmax(row))
-                    top_prob = 1.0 / float(np.exp(row - row[draft_id]).sum())
+                    # Softmax of the top logit; only needed when the confidence cut-off is on.
+                    top_prob = 1.0 / float(np.exp(row - row[draft_id]).sum()) if config.draft_p_min > 0 else 1.0
                     draft_rows.append(None)
                 else:
                     probs = logits_to_probs(row, params)
