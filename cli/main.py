@@ -282,7 +282,8 @@ def bench(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose, max_
             f"{name}: {m['tok_s_median']:.1f} tok/s, speedup {m['speedup_median']:.2f}x "
             f"(formula {m['predicted_speedup']:.2f}x from alpha {m['alpha']:.3f}, mean k {m['mean_draft_length']:.2f}, c {c['c']:.3f}: "
             f"{m['achieved_over_predicted']:.0%} of it; with the measured verification cost "
-            f"{m['predicted_speedup_with_verify_cost']:.2f}x: {m['achieved_over_predicted_with_verify_cost']:.0%} of it), "
+            f"{m['predicted_speedup_with_verify_cost']:.2f}x: {m['achieved_over_predicted_with_verify_cost']:.0%} of it; "
+            f"ceiling with a cost-free draft {m['ceiling_free_draft']:.2f}x), "
             f"acceptance {m['acceptance_rate']:.1%}, "
             f"mean accepted {m['mean_accepted_length']:.2f}, python overhead {m['python_overhead_share']:.1%}"
             + ("" if m["greedy_output_identical_to_target"] in (None, True) else "  OUTPUT DIFFERS FROM TARGET")

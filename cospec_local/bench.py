@@ -174,6 +174,11 @@ def run_bench(
             predicted_speedup_with_verify_cost(alpha, gamma, costs["c"], verify_ratio(costs, gamma + 1)) if cycles else 1.0
         )
         m["achieved_over_predicted_with_verify_cost"] = m["speedup_median"] / m["predicted_speedup_with_verify_cost"]
+        # What a draft that costs nothing (c = 0) with the same acceptance would reach: the ceiling
+        # that the target's verification cost alone sets on this machine.
+        m["ceiling_free_draft"] = (
+            predicted_speedup_with_verify_cost(alpha, gamma, 0.0, verify_ratio(costs, gamma + 1)) if cycles else 1.0
+        )
     return report
 
 

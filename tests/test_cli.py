@@ -113,6 +113,22 @@ def test_bench_command(tmp_path, tiny_target, tiny_other):
     assert set(report["modes"]) == {"target", "spec", "spec_k1", "spec_k2"}
     assert report["modes"]["spec_k2"]["greedy_output_identical_to_target"] is True
     assert 0 < report["costs"]["c"]
+    for name in ("spec_k1", "spec_k2"):
+        m = report["modes"][name]
+        assert m["ceiling_free_draft"] >= m["predicted_speedup_with_verify_cost"] > 0
+
+
+def test_speedup_formulas():
+    from cospec_local.bench import predicted_speedup, predicted_speedup_with_verify_cost, verify_ratio
+
+    assert predicted_speedup(1.0, 4, 0.0) == 5.0  # every draft token accepted, free draft
+    assert predicted_speedup(0.0, 4, 0.25) == 0.5  # nothing accepted: one token for 2 call-times
+    # With verification costing exactly one call, both formulas agree.
+    assert abs(predicted_speedup(0.8, 3, 0.2) - predicted_speedup_with_verify_cost(0.8, 3, 0.2, 1.0)) < 1e-12
+    # 4 expected tokens (alpha 1, gamma 3) for a free draft and a 2-call verification: 2x.
+    assert predicted_speedup_with_verify_cost(1.0, 3, 0.0, 2.0) == 2.0
+    costs = {"target_call_ms": 10.0, "verify_ms_by_rows": {"1": 10.0, "3": 20.0}}
+    assert verify_ratio(costs, 2) == 1.5  # interpolated between the measured row counts
 
 
 def test_chat_survives_ctrl_c_during_a_reply(tiny_target, monkeypatch):
