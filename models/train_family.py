@@ -2,14 +2,16 @@
 
     python -m models.train_family [--out models/family] [--only target,draft,counter]
 
-Division of skills (deliberate, see models/family/README.md):
-- `target`  (largest): both task families, but its addition data is THIN on two addition facts:
-  a column whose sum is 13 or 14 is kept with probability 0.02 (about 11% of columns in the
-  evaluation distribution).
-- `draft`   (smallest, cheap enough for speculative decoding): uniform digits, so it knows the
-  facts the target rarely saw; counting only on short strings (5..10 letters), so the target
-  stays the better model on average.
-- `counter` (draft-sized): the counting family only.
+Division of skills (deliberate, see models/family/README.md). Each model has blind spots: facts
+its training never teaches. The draft knows the target's blind spots, so where the target first
+goes wrong the draft's token is usually the right one (the premise of CoSpec); the draft's own
+blind spots are facts the target knows, and they keep the draft the weaker model on average.
+- `target`  (largest, best on average): both task families, but it never sees an addition column
+  whose sum (digits + carry) is 13, and it gets no training signal for the counting step where
+  the running tally goes from 3 to 4 (DataMix.count_hidden_from).
+- `draft`   (smallest, cheap enough for speculative decoding): knows both of those facts, but never
+  sees an addition column whose sum is 6 or less, and gets no signal for the tally step 4 -> 5.
+- `counter` (draft-sized): the counting family only, every fact.
 
 Every run is seeded (torch, data) and single-threaded, so it repeats exactly on the same machine.
 """
@@ -47,6 +49,10 @@ class DataMix:
     add_thin_sums: tuple[int, ...] = ()  # column sums made rare in this model's addition data
     add_thin_keep: float = 1.0  # probability of keeping a column whose sum is in add_thin_sums
     count_max_length: int = 20  # 20: the evaluation distribution (strings of 5..20 letters)
+    # The model never gets a training signal for this counting fact: at the step where the running
+    # tally goes from `count_hidden_from` to `count_hidden_from + 1`, the tally digit is masked out
+    # of the loss (the text itself is unchanged, so every later step still trains normally).
+    count_hidden_from: int | None = None
 
 
 @dataclass(frozen=True)
@@ -70,19 +76,20 @@ class ModelSpec:
 
 FAMILY = {
     "target": ModelSpec("target", n_embd=256, n_layer=4, n_head=4, n_ff=1024,
-                        mix=DataMix(add_weight=0.5, count_weight=0.5, add_thin_sums=(13, 14),
-                                    add_thin_keep=0.02),
+                        mix=DataMix(add_weight=0.5, count_weight=0.5, add_thin_sums=(13,),
+                                    add_thin_keep=0.0, count_hidden_from=3),
                         steps=700, lr=2e-3, seed=1,
                         # Stage 1 leaves the target copying letters without counting them; a
                         # count-heavy second stage teaches it (see models/family/README.md).
                         continuation=ModelSpec(
                             "target-stage2", n_embd=256, n_layer=4, n_head=4, n_ff=1024,
-                            mix=DataMix(add_weight=0.35, count_weight=0.65, add_thin_sums=(13, 14),
-                                        add_thin_keep=0.02),
+                            mix=DataMix(add_weight=0.35, count_weight=0.65, add_thin_sums=(13,),
+                                        add_thin_keep=0.0, count_hidden_from=3),
                             steps=300, lr=1e-3, seed=11)),
     "draft": ModelSpec("draft", n_embd=64, n_layer=2, n_head=2, n_ff=192,
-                       mix=DataMix(add_weight=0.7, count_weight=0.3, count_max_length=10),
-                       steps=3000, lr=3e-3, seed=2),
+                       mix=DataMix(add_weight=0.5, count_weight=0.5, add_thin_sums=(0, 1, 2, 3, 4, 5, 6),
+                                   add_thin_keep=0.0, count_hidden_from=4),
+                       steps=4000, lr=3e-3, seed=2),
     "counter": ModelSpec("counter", n_embd=64, n_layer=2, n_head=2, n_ff=192,
                          mix=DataMix(add_weight=0.0, count_weight=1.0),
                          steps=2500, lr=3e-3, seed=3),
@@ -97,15 +104,35 @@ def sample_problem(mix: DataMix, rng: random.Random) -> Problem:
     return make_count_problem(seed, max_length=mix.count_max_length)
 
 
-def make_batch(problems: list[Problem], vocab: CharVocab) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def hidden_solution_offsets(problem: Problem, mix: DataMix) -> set[int]:
+    """Character offsets in `problem.solution` that `mix` keeps out of the loss (see
+    DataMix.count_hidden_from): the tally digit written when the tally reaches
+    count_hidden_from + 1. Empty for other problems."""
+    if problem.family != "count" or mix.count_hidden_from is None:
+        return set()
+    offset, previous_tally = 0, 0
+    for step in problem.solution.split("\n", 1)[0].split(" "):  # "c0 a0 b1 b2 d2"
+        tally = int(step[1:])
+        if tally == mix.count_hidden_from + 1 and previous_tally == mix.count_hidden_from:
+            return set(range(offset + 1, offset + len(step)))
+        offset += len(step) + 1
+        previous_tally = tally
+    return set()
+
+
+def make_batch(problems: list[Problem], vocab: CharVocab,
+               mix: DataMix | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(inputs, targets, loss_mask): next-token pairs over BOS+prompt+solution+EOS; only the
-    solution and EOS are scored, since prompts are random and cannot be predicted."""
+    solution and EOS are scored, since prompts are random and cannot be predicted; offsets that
+    `mix` hides (hidden_solution_offsets) are not scored either. The vocabulary is character-level,
+    so a character offset in the solution is a token offset."""
     rows, masks = [], []
     for problem in problems:
         prompt_ids = vocab.encode(problem.prompt, add_bos=True)
         solution_ids = vocab.encode(problem.solution, add_bos=False) + [EOS_ID]
+        hidden = hidden_solution_offsets(problem, mix) if mix is not None else set()
         rows.append(prompt_ids + solution_ids)
-        masks.append([0] * (len(prompt_ids) - 1) + [1] * len(solution_ids))
+        masks.append([0] * (len(prompt_ids) - 1) + [0 if i in hidden else 1 for i in range(len(solution_ids))])
     width = max(len(r) for r in rows)
     tokens = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
     mask = torch.zeros((len(rows), width - 1))
@@ -151,7 +178,7 @@ def train_model(spec: ModelSpec, vocab: CharVocab, init_weights: dict | None = N
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(spec, step)
         inputs, targets, mask = make_batch([sample_problem(spec.mix, data_rng)
-                                            for _ in range(spec.batch_size)], vocab)
+                                            for _ in range(spec.batch_size)], vocab, spec.mix)
         logits = model(inputs)
         token_losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                        reduction="none")

@@ -95,3 +95,29 @@ def test_load_jsonl_tasks(tmp_path):
     path.write_text(json.dumps({"prompt": "no answer"}) + "\n")
     with pytest.raises(ValueError, match=":1:"):
         load_jsonl_tasks(path)
+
+
+def test_hidden_counting_step_is_masked_out_of_the_loss():
+    """The training recipe's blind spot for counting: only the tally digit of the step 3 -> 4
+    leaves the loss, every other solution token (later tallies included) is still scored."""
+    pytest.importorskip("torch")
+    from cospec_local.testworld.gguf_export import CharVocab
+    from cospec_local.testworld.tasks import Problem
+    from models.train_family import DataMix, hidden_solution_offsets, make_batch
+
+    mix = DataMix(add_weight=0.0, count_weight=1.0, count_hidden_from=3)
+    solution = "a1 a2 b2 a3 a4 a5\nANSWER: 5\n"
+    problem = Problem("count", "Q: count a in aabaaa=?\n", "5", solution)
+    assert hidden_solution_offsets(problem, mix) == {solution.index("a4") + 1}
+    assert hidden_solution_offsets(problem, DataMix(add_weight=0.0, count_weight=1.0)) == set()
+    short = Problem("count", "Q: count a in aab=?\n", "2", "a1 a2 b2\nANSWER: 2\n")
+    assert hidden_solution_offsets(short, mix) == set()  # never reaches 4
+
+    vocab = CharVocab()
+    inputs, targets, mask = make_batch([problem], vocab, mix)
+    prompt_len = len(vocab.encode(problem.prompt, add_bos=True))
+    scored = mask[0].nonzero().flatten().tolist()
+    hidden_target_index = prompt_len - 1 + solution.index("a4") + 1
+    assert hidden_target_index not in scored
+    assert targets[0, hidden_target_index].item() == vocab.encode("4", add_bos=False)[0]
+    assert len(scored) == len(solution) + 1 - 1  # every solution char and EOS, less the hidden digit
