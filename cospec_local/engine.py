@@ -193,14 +193,13 @@ class AdaptiveDraftLength:
 
     def observe_cycle(self, k: int, seconds: float, n_tokens: int) -> None:
         """A whole cycle: k drafted (0 = target step), `n_tokens` emitted in `seconds`."""
-        before = (self.spec_tpt or 0) <= (self.target_tpt or 0)
+        was_winning = None if self.spec_tpt is None or self.target_tpt is None else not self.drafting_loses
         if k == 0:
             self.target_tpt = self._ema(self.target_tpt, seconds / n_tokens)
         else:
             self.spec_tpt = self._ema(self.spec_tpt, seconds / n_tokens)
-        if self.spec_tpt is not None and self.target_tpt is not None:
-            if ((self.spec_tpt <= self.target_tpt) != before):
-                self.probe_every = self.FIRST_PROBE  # the winner changed: probe often again
+        if was_winning is not None and was_winning == self.drafting_loses:
+            self.probe_every = self.FIRST_PROBE  # the winner changed: probe often again
 
     def observe_target(self, n_rows: int, seconds: float) -> None:
         self._s *= self.decay
@@ -298,10 +297,6 @@ class Engine:
         if self.draft_offset > 0:
             self.draft.reset()
             self.draft_offset = 0
-
-    def _trim_caches(self) -> None:
-        """Roll every cache back to at most the committed context."""
-        self._rollback(len(self.context))
 
     def _prepare(self, context_tokens: list[int]) -> int:
         """Make `context_tokens` the context, keeping the longest cached common prefix."""
@@ -408,7 +403,7 @@ class Engine:
                 yield TokenEvent(-1, tail, TARGET)
             stats.t_decode = time.perf_counter() - t_decode0
         finally:
-            self._trim_caches()
+            self._rollback(len(self.context))  # whatever was evaluated beyond the committed context
             if not stats.t_decode:
                 stats.t_decode = time.perf_counter() - t_start - stats.t_prefill
         stats.finish_reason = finish

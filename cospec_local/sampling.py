@@ -77,6 +77,17 @@ def candidates(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     return ids
 
 
+def _filtered_probs(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray | None, np.ndarray]:
+    """(surviving ids or None for all, their float64 probabilities after temperature).
+
+    Filters run on the float32 row; only the survivors go to float64 (262k-wide rows are common).
+    """
+    ids = candidates(logits, params)
+    if ids is None:
+        return None, _softmax(np.asarray(logits, dtype=np.float64) / params.temperature)
+    return ids, _softmax(logits[ids].astype(np.float64) / params.temperature)
+
+
 def logits_to_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     """Dense float64 distribution over the whole vocabulary after filters and temperature.
 
@@ -86,11 +97,10 @@ def logits_to_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     if params.greedy:
         probs[int(np.argmax(logits))] = 1.0
         return probs
-    # Filter on the float32 row; only the survivors go to float64 (262k-wide rows are common).
-    ids = candidates(logits, params)
+    ids, survivor_probs = _filtered_probs(logits, params)
     if ids is None:
-        return _softmax(np.asarray(logits, dtype=np.float64) / params.temperature)
-    probs[ids] = _softmax(logits[ids].astype(np.float64) / params.temperature)
+        return survivor_probs
+    probs[ids] = survivor_probs
     return probs
 
 
@@ -98,10 +108,9 @@ def sample_logits(logits: np.ndarray, params: SamplingParams, rng: np.random.Gen
     """One token from a row of logits (argmax when greedy), without building a dense row."""
     if params.greedy:
         return int(np.argmax(logits))
-    ids = candidates(logits, params)
-    if ids is None:
-        return sample(_softmax(np.asarray(logits, dtype=np.float64) / params.temperature), rng)
-    return int(ids[sample(_softmax(logits[ids].astype(np.float64) / params.temperature), rng)])
+    ids, survivor_probs = _filtered_probs(logits, params)
+    choice = sample(survivor_probs, rng)
+    return choice if ids is None else int(ids[choice])
 
 
 def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
