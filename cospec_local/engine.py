@@ -32,11 +32,14 @@ import numpy as np
 from .config import GenerationConfig
 from .errors import ContextOverflowError
 from .pair import TokenMap
-from .sampling import logits_to_probs, sample, sample_logits
+from .sampling import SamplingParams, logits_to_probs, sample, sample_logits
 from .verify import DRAFT, TARGET, GreedyVerifier, RejectionVerifier, Verdict, Verifier
 
 # A probe after many target-only steps feeds the draft at most this many recent tokens.
 CATCH_UP_WINDOW = 16
+
+# The draft's rows handed to a verifier that reads them in greedy mode: its raw distribution.
+PLAIN_SOFTMAX = SamplingParams(temperature=1.0)
 
 
 @dataclass
@@ -433,10 +436,16 @@ class Engine:
                 self._rebase_draft(CATCH_UP_WINDOW)
             feed = self._draft_ids(self.context[self._draft_synced() :])
             n_calls = 0
+            greedy_rows = params.greedy and verifier.needs_draft_probs
             for _ in range(k):
                 row = draft.eval(feed, 1)[0]
                 n_calls += 1
-                if params.greedy:
+                if greedy_rows:
+                    probs = logits_to_probs(row, PLAIN_SOFTMAX)
+                    draft_id = int(np.argmax(row))
+                    top_prob = float(probs[draft_id])
+                    draft_rows.append(probs if self.token_map is None else self.token_map.row(probs))
+                elif params.greedy:
                     draft_id = int(np.argmax(row))
                     # Softmax of the top logit; only needed when the confidence cut-off is on.
                     top_prob = 1.0 / float(np.exp(row - row[draft_id]).sum()) if config.draft_p_min > 0 else 1.0

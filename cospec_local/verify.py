@@ -47,7 +47,14 @@ class Verdict:
 
 
 class Verifier(Protocol):
-    """Decides which draft tokens to keep and what comes next."""
+    """Decides which draft tokens to keep and what comes next.
+
+    `needs_draft_probs` tells the engine whether to build the draft's probability rows in greedy
+    mode too (sampling always builds them): a combined or arbitrated rule reads them, plain greedy
+    does not, and skipping them saves a softmax per drafted token.
+    """
+
+    needs_draft_probs: bool
 
     def verify(
         self,
@@ -56,9 +63,10 @@ class Verifier(Protocol):
         target_logits: np.ndarray,
         rng: np.random.Generator,
     ) -> Verdict:
-        """`draft_rows[j]` is whatever the draft step stored for token j (a probability row over
-        target ids when sampling, unused when greedy); `target_logits` has len(draft_tokens) + 1
-        rows (a view into llama.cpp's buffer: do not keep it)."""
+        """`draft_rows[j]` is the draft's distribution for token j over target ids: the processed
+        sampling distribution when sampling, the plain softmax of its logits when greedy and
+        `needs_draft_probs` is set, else None. `target_logits` has len(draft_tokens) + 1 rows (a
+        view into llama.cpp's buffer: do not keep it)."""
         ...
 
 
@@ -98,6 +106,8 @@ def verify_rejection(
 class GreedyVerifier:
     """Token-for-token identical to target-only greedy decoding."""
 
+    needs_draft_probs = False
+
     def verify(self, draft_tokens, draft_rows, target_logits, rng) -> Verdict:
         return verify_greedy(draft_tokens, target_logits)
 
@@ -123,6 +133,8 @@ class LazyProbs:
 
 class RejectionVerifier:
     """Output distribution equal to target-only sampling with the same `SamplingParams`."""
+
+    needs_draft_probs = True
 
     def __init__(self, params: SamplingParams):
         self.params = params

@@ -288,3 +288,59 @@ def test_interrupting_a_chat_reply_keeps_the_session_usable(tiny_target, tiny_ot
     with load_pair(None, tiny_target, n_ctx=1024, n_threads=1) as alone:
         ref = greedy(alone, context[: len(context) - len(after)], mode="target", max_tokens=20).tokens
     assert after == ref
+
+
+class RecordingGreedyVerifier:
+    """Greedy verification that also asks for, and keeps, the draft's probability rows."""
+
+    needs_draft_probs = True
+
+    def __init__(self):
+        self.seen = []  # (draft token, its probability, the row's top probability, row total)
+
+    def verify(self, draft_tokens, draft_rows, target_logits, rng):
+        from cospec_local.verify import verify_greedy
+
+        for token, row in zip(draft_tokens, draft_rows):
+            dense = row.draft_probs if hasattr(row, "draft_probs") else row
+            self.seen.append((token, row[token], float(dense.max()), float(dense.sum())))
+        return verify_greedy(draft_tokens, target_logits)
+
+
+@pytest.mark.parametrize("trimmed", [False, True])
+def test_a_verifier_can_ask_for_draft_rows_in_greedy_mode(tmp_path, tiny_target, tiny_other, trimmed):
+    """The CoS/CoSpec hook: greedy mode hands the draft's softmax rows (in target ids, through the
+    token map for a trimmed draft) to a verifier that sets `needs_draft_probs`; the draft token is
+    each row's argmax. The default greedy verifier gets none, and both outputs equal target-only."""
+    from cospec_local.draft_maker import make_draft
+
+    draft = tiny_other
+    if trimmed:
+        corpus = tmp_path / "c.txt"
+        corpus.write_text("the cat sat on the mat\n\n" * 5)
+        draft = make_draft(tiny_target, tmp_path / "d.gguf", [corpus], vocab_size=8, progress=False).path
+    with load_pair(draft, tiny_target, n_ctx=512, n_threads=1) as pair:
+        ref = greedy(pair, PROMPTS[0], mode="target", max_tokens=30)
+        recorder = RecordingGreedyVerifier()
+        out = pair.generate(
+            PROMPTS[0], verifier=recorder, temperature=0, draft_max=4, adaptive=False, draft_p_min=0.0, max_tokens=30
+        )
+        assert out.tokens == ref.tokens
+        assert len(recorder.seen) == out.stats.n_drafted > 0
+        for token, token_prob, top_prob, total in recorder.seen:
+            assert token_prob == top_prob > 0.0
+            assert total == pytest.approx(1.0)
+
+        class NoRows:
+            needs_draft_probs = False
+
+            def verify(self, draft_tokens, draft_rows, target_logits, rng):
+                from cospec_local.verify import verify_greedy
+
+                assert draft_rows == [None] * len(draft_tokens)
+                return verify_greedy(draft_tokens, target_logits)
+
+        plain = pair.generate(
+            PROMPTS[0], verifier=NoRows(), temperature=0, draft_max=4, adaptive=False, draft_p_min=0.0, max_tokens=30
+        )
+        assert plain.tokens == ref.tokens
