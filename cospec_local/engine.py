@@ -436,25 +436,23 @@ class Engine:
                 self._rebase_draft(CATCH_UP_WINDOW)
             feed = self._draft_ids(self.context[self._draft_synced() :])
             n_calls = 0
-            greedy_rows = params.greedy and verifier.needs_draft_probs
+            # Sampling always needs the draft's rows; greedy only for a verifier that reads them
+            # (then as the draft's plain softmax).
+            want_rows = not params.greedy or verifier.needs_draft_probs
+            row_params = PLAIN_SOFTMAX if params.greedy else params
             for _ in range(k):
                 row = draft.eval(feed, 1)[0]
                 n_calls += 1
-                if greedy_rows:
-                    probs = logits_to_probs(row, PLAIN_SOFTMAX)
-                    draft_id = int(np.argmax(row))
-                    top_prob = float(probs[draft_id])
+                if want_rows:
+                    probs = logits_to_probs(row, row_params)
+                    draft_id = int(np.argmax(row)) if params.greedy else sample(probs, rng)
+                    top_prob = float(probs.max())
                     draft_rows.append(probs if self.token_map is None else self.token_map.row(probs))
-                elif params.greedy:
+                else:
                     draft_id = int(np.argmax(row))
                     # Softmax of the top logit; only needed when the confidence cut-off is on.
                     top_prob = 1.0 / float(np.exp(row - row[draft_id]).sum()) if config.draft_p_min > 0 else 1.0
                     draft_rows.append(None)
-                else:
-                    probs = logits_to_probs(row, params)
-                    draft_id = sample(probs, rng)
-                    top_prob = float(probs.max())
-                    draft_rows.append(probs if self.token_map is None else self.token_map.row(probs))
                 draft_tokens.append(self._to_target(draft_id))
                 feed = [draft_id]
                 if top_prob < config.draft_p_min:
