@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from cospec_local.config import GenerationConfig, MODES, config_fields
+from cospec_local.config import COMBINATIONS, MODES, GenerationConfig, config_fields, parse_list
 from cospec_local.errors import CospecError
 
 DIM_GREEN = "\x1b[32m"
@@ -46,9 +46,13 @@ def model_options(fn):
 
 def generation_options(fn):
     """One flag per GenerationConfig field, defaults taken from it."""
-    for name, default, help_text, flag in reversed(config_fields()):
+    for name, default, help_text, flag, items in reversed(config_fields()):
         decls = flag.split("/") if flag else ["--" + name.replace("_", "-")]
-        if name == "stop":
+        if items is not None:
+            opt = click.option(*decls, name, type=str, default=None, help=help_text)
+        elif name == "combine":
+            opt = click.option(*decls, name, type=click.Choice(COMBINATIONS), default=None, help=help_text + f" [default: {default}]")
+        elif name == "stop":
             opt = click.option(*decls, name, multiple=True, help=help_text)
         elif name == "mode":
             opt = click.option(*decls, name, type=click.Choice(MODES), default=None, help=help_text + f" [default: {default}]")
@@ -62,8 +66,11 @@ def generation_options(fn):
 
 
 def build_config(base: GenerationConfig, kwargs: dict) -> GenerationConfig:
-    names = [name for name, *_ in config_fields()]
-    changes = {n: kwargs.pop(n) for n in names if n in kwargs}
+    changes = {}
+    for name, _, _, _, items in config_fields():
+        if name in kwargs:
+            value = kwargs.pop(name)
+            changes[name] = parse_list(value, items) if items is not None and value is not None else value
     if not changes.get("stop"):
         changes.pop("stop", None)
     else:
@@ -240,7 +247,7 @@ def info(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose):
 def make_draft_cmd(source, output, vocab_size, corpus, drop_layers):
     """Make a cheaper draft from SOURCE by trimming its vocabulary (and optionally layers)."""
     from cospec_local.draft_maker import make_draft
-    from models.default_pair import corpus_files
+    from cospec_local.default_pair import corpus_files
 
     drop = [int(x) for x in drop_layers.split(",") if x.strip()]
     report = make_draft(source, output, corpus or corpus_files(), vocab_size, drop)

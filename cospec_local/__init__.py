@@ -2,6 +2,7 @@
 
 from .api import ChatSession, GenerationResult, Pair, load_pair
 from .config import GenerationConfig
+from .default_pair import default_pair
 from .engine import DoneEvent, GenerationStats, TokenEvent
 from .errors import (
     ContextOverflowError,
@@ -18,9 +19,3 @@ __all__ = [
     "RollbackError", "SamplingParams", "TokenEvent", "default_pair", "load_pair",
 ]
 
-
-def default_pair(**kwargs):
-    """(draft_path, target_path) of the default pair, built on first use (see models.default_pair)."""
-    from models.default_pair import default_pair as _default_pair
-
-    return _default_pair(**kwargs)

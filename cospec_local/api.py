@@ -17,6 +17,7 @@ from .backend import LlamaModel, LoadOptions
 from .chat import ChatTemplate
 from .config import GenerationConfig
 from .engine import DoneEvent, Engine, GenerationStats, TokenEvent
+from .slots import ModelSlot
 from .pair import PairReport, check_pair
 from .verify import Verifier
 
@@ -47,13 +48,15 @@ def collect(events) -> GenerationResult:
 
 
 class Pair:
-    """A target model and an optional draft, checked for compatibility, sharing one engine."""
+    """A target model, an optional draft and optional further models (`models`), checked for
+    compatibility, sharing one engine. The name is historical: a Pair holds n >= 1 models."""
 
     def __init__(
         self,
         target_path: str | os.PathLike,
         draft_path: str | os.PathLike | None = None,
         *,
+        models: tuple[str | os.PathLike, ...] = (),
         n_ctx: int = 4096,
         n_threads: int | None = None,
         target_ngl: int = 0,
@@ -62,19 +65,31 @@ class Pair:
     ):
         self.target = LlamaModel(target_path, LoadOptions(n_ctx, n_threads, target_ngl, verbose=verbose))
         self.draft = None
+        self.extra: list[LlamaModel] = []
         self.report: PairReport | None = None
+        slots = []
         try:
             if draft_path is not None:
                 self.draft = LlamaModel(draft_path, LoadOptions(n_ctx, n_threads, draft_ngl, verbose=verbose))
                 self.report = check_pair(self.draft, self.target)
+                slots.append(ModelSlot("draft", self.draft, self.report.token_map))
+            slots.append(ModelSlot("target", self.target))
+            for i, path in enumerate(models, start=1):
+                model = LlamaModel(path, LoadOptions(n_ctx, n_threads, target_ngl, verbose=verbose))
+                self.extra.append(model)
+                report = check_pair(model, self.target)
+                slots.append(ModelSlot(f"model{i}", model, report.token_map))
         except Exception:
             self.close()
             raise
-        self.engine = Engine(self.target, self.draft, self.report.token_map if self.report else None)
+        self.engine = Engine(slots, self.target.eog_ids())
+        # The conversation of plain generate/stream calls: consecutive calls reuse its cache and
+        # its learned draft length. Chats have their own (`chat()`).
+        self.conversation = self.engine.new_conversation()
 
     def close(self) -> None:
-        """Free both models."""
-        for model in (self.draft, self.target):
+        """Free every model."""
+        for model in (*self.extra, self.draft, self.target):
             if model is not None:
                 model.close()
 
@@ -100,10 +115,11 @@ class Pair:
     ) -> Iterator[TokenEvent | DoneEvent]:
         """Yield a TokenEvent per generated token, then a DoneEvent with the statistics.
 
-        `overrides` are GenerationConfig fields (max_tokens=..., temperature=..., mode=...).
+        `overrides` are GenerationConfig fields (max_tokens=..., temperature=..., mode=...). Bad
+        input raises here, before the first event.
         """
         config = (config or GenerationConfig()).with_(**overrides)
-        return self.engine.stream(self._context(prompt), config, verifier)
+        return self.engine.stream(self._context(prompt), config, verifier, self.conversation)
 
     def generate(
         self, prompt: str | list[int], config: GenerationConfig | None = None, verifier: Verifier | None = None, **overrides
@@ -124,6 +140,7 @@ class ChatSession:
         eos_text = pair.target.token_text(pair.target.eos_id)
         self.template = ChatTemplate.for_model(pair.target.chat_template, eos_text=eos_text)
         self.system = system
+        self.conversation = pair.engine.new_conversation()
         self.reset()
 
     def reset(self) -> None:
@@ -132,41 +149,40 @@ class ChatSession:
         self.tokens: list[int] = []
         self._rendered = ""  # the text self.tokens stand for
 
-    def _turn_tokens(self, user_text: str) -> list[int]:
-        self.messages.append({"role": "user", "content": user_text})
-        full = self.template.render(self.messages, True)
+    def _turn_tokens(self, messages: list[dict]) -> tuple[list[int], str]:
+        """The context for `messages` (reusing the tokens of the conversation so far) and its text."""
+        full = self.template.render(messages, True)
         if self.tokens and full.startswith(self._rendered):
             delta = full[len(self._rendered) :]
-            tokens = self.tokens + self.pair.target.tokenize(delta, add_bos=False)
-        else:
-            tokens = self.pair.tokenize(full)
-        self._rendered = full
-        return tokens
+            return self.tokens + self.pair.target.tokenize(delta, add_bos=False), full
+        return self.pair.tokenize(full), full
 
     def send(self, user_text: str, config: GenerationConfig | None = None, **overrides) -> Iterator[TokenEvent | DoneEvent]:
-        """Stream the reply to `user_text`. Stopping early (break, Ctrl-C) keeps what was shown as
-        the reply, and the session stays usable."""
+        """Stream the reply to `user_text`. Bad input raises here (the conversation is unchanged);
+        stopping early (break, Ctrl-C) keeps what was shown as the reply, and the session stays usable."""
         if not user_text.strip():
             raise ValueError("empty message")
         config = (config or GenerationConfig()).with_(**overrides)
         if self.template.stop:
             config = config.with_(stop=tuple(config.stop) + self.template.stop)
-        context = self._turn_tokens(user_text)
+        messages = self.messages + [{"role": "user", "content": user_text}]
+        context, rendered = self._turn_tokens(messages)
+        events = self.pair.engine.stream(context, config, conversation=self.conversation)
+        self.messages, self._rendered = messages, rendered
+        return self._relay(events, context)
+
+    def _relay(self, events, context: list[int]) -> Iterator[TokenEvent | DoneEvent]:
         reply: list[str] = []
-        engine = self.pair.engine
         try:
-            for event in engine.stream(context, config):
+            for event in events:
                 if isinstance(event, TokenEvent):
                     reply.append(event.text)
                 yield event
         finally:
             self.messages.append({"role": "assistant", "content": "".join(reply).strip()})
-            self.tokens = list(engine.context)
-            self._rendered += self._token_text(context)
-
-    def _token_text(self, context: list[int]) -> str:
-        # The reply as the engine committed it (what the KV cache holds after the prompt).
-        return self.pair.target.detokenize(self.pair.engine.context[len(context) :])
+            self.tokens = list(self.conversation.context)
+            # The reply as the engine committed it (what the KV cache holds after the prompt).
+            self._rendered += self.pair.target.detokenize(self.tokens[len(context) :])
 
     def say(self, user_text: str, config: GenerationConfig | None = None, **overrides) -> GenerationResult:
         """Send a message and return the whole reply."""
@@ -174,5 +190,6 @@ class ChatSession:
 
 
 def load_pair(draft: str | os.PathLike | None, target: str | os.PathLike, **options) -> Pair:
-    """Load and check a pair. `options`: n_ctx, n_threads, target_ngl, draft_ngl, verbose."""
+    """Load and check a pair. `options`: models (further GGUFs for the collaborative modes),
+    n_ctx, n_threads, target_ngl (also used for further models), draft_ngl, verbose."""
     return Pair(target, draft, **options)

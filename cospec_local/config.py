@@ -9,17 +9,24 @@ from dataclasses import dataclass, field, fields, replace
 
 from .sampling import SamplingParams
 
-MODES = ("spec", "target", "draft")
+MODES = ("spec", "target", "draft", "collab", "cos", "cos-naive")
+COMBINATIONS = ("we", "cd")
+DEFAULT_DRAFT_MAX = 6
 
 
-def _opt(default, help: str, flag: str | None = None):
-    return field(default=default, metadata={"help": help, "flag": flag})
+def _opt(default, help: str, flag: str | None = None, items: type | None = None):
+    """A config field; `items` marks a tuple field given on the command line as 'a,b,c'."""
+    return field(default=default, metadata={"help": help, "flag": flag, "items": items})
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
     """How to decode one reply. `mode`: 'spec' (draft proposes, target verifies: the default),
-    'target' (target alone: the baseline) or 'draft' (draft alone)."""
+    'target' (target alone: the baseline), 'draft' (draft alone), or a collaborative mode whose
+    output follows a combination r of every model ('collab': all models score every token, the
+    reference; 'cos': collaborative decoding via speculation with alternating proposers;
+    'cos-naive': the draft proposes, r verifies). Per-model values (`weights`, `gamma`) are in
+    the order draft, target, then extra models."""
 
     max_tokens: int = _opt(256, "Maximum number of tokens to generate.")
     temperature: float = _opt(0.8, "Sampling temperature; 0 = greedy.")
@@ -31,13 +38,22 @@ class GenerationConfig:
         "the adaptive draft length follows timings, so with it a seed fixes only the distribution."
     )
     stop: tuple[str, ...] = _opt((), "Stop when this string is generated (repeatable).")
-    mode: str = _opt("spec", "Decoding mode: spec, target or draft.")
+    mode: str = _opt("spec", "Decoding mode: spec, target, draft, collab, cos or cos-naive.")
     draft_max: int = _opt(
-        6, "Maximum draft tokens per verification (k); on the CPU at most 6, so that the target's "
+        DEFAULT_DRAFT_MAX, "Maximum draft tokens per verification (k); on the CPU at most 6, so that the target's "
         "7-token verification batch gives bit-identical logits to target-only decoding.", flag="-k/--draft-max"
     )
     draft_p_min: float = _opt(0.3, "Stop drafting when the draft's top probability falls below this.")
-    adaptive: bool = _opt(True, "Adapt the draft length to measured acceptance and costs.")
+    adaptive: bool = _opt(True, "Adapt the draft length to measured acceptance and costs (spec mode).")
+    combine: str = _opt("we", "Collaborative modes: how r combines the models: we (weighted ensemble of "
+                        "probabilities) or cd (contrastive decoding: target logits - mu x draft logits).")
+    weights: tuple[float, ...] | None = _opt(
+        None, "Weighted-ensemble weights, one per model (draft, target, extra models), e.g. 0.5,0.5; default equal.",
+        items=float)
+    mu: float = _opt(0.1, "Contrastive-decoding strength (r = softmax((l_target - mu l_draft) / T)).")
+    gamma: tuple[int, ...] | None = _opt(
+        None, "CoS proposal length per model (draft, target, extra models), e.g. 5,1; default: "
+        "--draft-max for the draft, 1 for the others.", items=int)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -48,6 +64,14 @@ class GenerationConfig:
             raise ValueError("draft_max must be >= 1")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
+        if self.combine not in COMBINATIONS:
+            raise ValueError(f"combine must be one of {COMBINATIONS}, not {self.combine!r}")
+        if self.mu < 0:
+            raise ValueError("mu must be >= 0")
+        if self.weights is not None and (min(self.weights) < 0 or sum(self.weights) <= 0):
+            raise ValueError("weights must be >= 0 and not all 0")
+        if self.gamma is not None and min(self.gamma) < 1:
+            raise ValueError("every gamma must be >= 1")
         self.sampling  # validates top_k/top_p/min_p
 
     @property
@@ -60,5 +84,13 @@ class GenerationConfig:
 
 
 def config_fields():
-    """(name, type default, help, flag) for every GenerationConfig field: the CLI's option list."""
-    return [(f.name, f.default, f.metadata["help"], f.metadata["flag"]) for f in fields(GenerationConfig)]
+    """(name, default, help, flag, items) for every GenerationConfig field: the CLI's option list."""
+    return [(f.name, f.default, f.metadata["help"], f.metadata["flag"], f.metadata["items"]) for f in fields(GenerationConfig)]
+
+
+def parse_list(text: str, items: type) -> tuple:
+    """'0.5,0.5' -> (0.5, 0.5); raises ValueError naming the bad value."""
+    try:
+        return tuple(items(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"expected comma-separated {items.__name__} values, got {text!r}") from None

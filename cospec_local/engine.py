@@ -1,55 +1,83 @@
-"""The decoding loop: a draft model proposes, the target verifies a whole run in one batch.
+"""The decoding loop over n model slots: propose, score, verify.
 
-Terms (see also `verify`): the *context* is the list of committed token ids, in TARGET ids. Each
-model's KV cache holds a prefix of the context (`model.n_past` tokens); the tokens after it are
-*pending* and are evaluated at the start of the model's next call, so a model that sat out a few
-steps catches up in one batch instead of re-evaluating everything.
+Terms (see also `verify` and `slots`): the *context* is a conversation's committed token list, in
+shared (target) ids. The *pending* tokens are proposed tokens after the context, not yet verified.
+Each slot queues the logits rows it has computed for the pending positions. A mode (`Plan`) says
+which slots are *members* (their rows make r, the distribution the output follows, through a
+`combine.Combination`), which slot proposes by default and how many tokens (gamma), and whether a
+scoring call extends the proposal with its own sample (CoS).
 
-One speculative cycle:
-  1. draft: evaluate its pending tokens, then propose x_1..x_k one at a time (k from the draft-length
-     policy; drafting stops early when the draft's top probability falls under `draft_p_min`);
-  2. target: evaluate [pending..., x_1..x_k] in ONE llama_decode, logits for the last k+1 rows only;
-  3. verifier: keep x_1..x_m and choose the next token (correction or bonus);
-  4. roll both KV caches back to the committed prefix;
-  5. emit x_1..x_m and the next token as events, committing each to the context as it is emitted.
-With k = 0 a cycle is a plain target step (the draft-length policy backs off to that when the draft
-does not pay for itself).
+One round, repeated until it emits tokens:
+  1. verify: when every member has a row for position 0, the verifier gets ONE `RowBundle` (every
+     slot's rows, the proposed tokens that all members have scored) and returns a `Verdict`: how
+     many proposed tokens to keep and the next token; the engine checks it, emits, and drops what
+     the verdict made stale (rows and cache entries after a rejection);
+  2. otherwise a *turn*: a proposer drafts tokens one call at a time (`_propose`), or the member
+     with the fewest rows scores every pending token in one batch (`_score_turn`), its last row
+     being the bonus row, and in CoS mode samples one more token from it.
 
-Invariant at every yield: every cached position of both models holds the committed token of that
-position. A consumer that stops early (break, Ctrl-C, a stop string) therefore leaves the engine
-ready for the next call; `finally` trims any cache that ran ahead of the context.
+The modes, in these terms:
+  target / draft   one member, no proposer: each round scores one row and samples from it;
+  spec             member: target; the draft proposes k tokens (adaptive); r = the target's p;
+  collab           all models are members, no proposer: every model scores every token (reference);
+  cos-naive        all members; the draft proposes gamma tokens; the others verify against r;
+  cos              all members; the model with the largest gamma proposes first; every scoring call
+                   appends its own sample (the bonus) to the proposal; when everything before it
+                   is accepted, its owner drafts up to its gamma (two models: the Alternate
+                   Proposal Framework; n models: the paper's queue scheme).
+
+Per-conversation state (`Conversation`) holds the context, the RNG and the draft-length policy; the
+engine holds the slots and runs one conversation at a time. At every yield each slot's cache holds
+a prefix of the committed context plus, at most, pending tokens; a consumer that stops early leaves
+the engine ready for the next call: `finally` drops the rows and trims caches to the context.
 """
 
 from __future__ import annotations
 
-import codecs
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 
+from .combine import Combination, Contrastive, Single, WeightedEnsemble
 from .config import GenerationConfig
-from .errors import ContextOverflowError
-from .pair import TokenMap
-from .sampling import SamplingParams, logits_to_probs, sample, sample_logits
-from .verify import DRAFT, TARGET, GreedyVerifier, RejectionVerifier, Verdict, Verifier
+from .draft_length import CATCH_UP_WINDOW, AdaptiveDraftLength
+from .errors import ContextOverflowError, EngineBusyError
+from .sampling import logits_to_probs, sample
+from .slots import ModelSlot
+from .text import TextStream
+from .verify import (
+    ACCEPTED,
+    ARBITRATED,
+    BONUS,
+    CORRECTION,
+    SAMPLED,
+    RowBundle,
+    Verdict,
+    Verifier,
+    default_verifier,
+)
 
-# A probe after many target-only steps feeds the draft at most this many recent tokens.
-CATCH_UP_WINDOW = 16
-
-# The draft's rows handed to a verifier that reads them in greedy mode: its raw distribution.
-PLAIN_SOFTMAX = SamplingParams(temperature=1.0)
+COMBINED = "combined"  # the producing "slot" of a token drawn from r over several models
 
 
 @dataclass
 class TokenEvent:
     """One emitted token. `text` is the text it adds (may be empty while a UTF-8 character or a
-    possible stop string is incomplete); `source` is DRAFT, TARGET or ARBITRATED."""
+    possible stop string is incomplete); `source` says how it was produced (`verify.ACCEPTED`,
+    CORRECTION, BONUS, SAMPLED, ARBITRATED) and `slot` which model produced it ('draft', 'target',
+    'model1', ... or 'combined' for a draw from r over several models)."""
 
     token: int
     text: str
     source: str
+    slot: str = ""
+
+    @property
+    def proposed(self) -> bool:
+        """True for a token a proposer wrote and the verifier kept."""
+        return self.source in (ACCEPTED, ARBITRATED)
 
 
 @dataclass
@@ -57,17 +85,18 @@ class GenerationStats:
     """Counts and timings of one generate/stream call (seconds)."""
 
     n_prompt: int = 0
+    n_prompt_cached: int = 0  # prompt tokens whose KV cache entries were reused (first member)
     n_generated: int = 0
-    n_cycles: int = 0  # verification cycles with at least one draft token
-    n_target_steps: int = 0  # cycles with k = 0 (target alone)
-    n_drafted: int = 0
+    n_cycles: int = 0  # verification rounds with at least one proposed token
+    n_target_steps: int = 0  # rounds with nothing proposed (plain steps)
+    n_drafted: int = 0  # proposed tokens that were verified
     n_accepted: int = 0
-    accepted_lengths: list[int] = field(default_factory=list)  # per cycle: draft tokens accepted
-    draft_lengths: list[int] = field(default_factory=list)  # per cycle: draft tokens proposed
+    accepted_lengths: list[int] = field(default_factory=list)  # per cycle: proposed tokens accepted
+    draft_lengths: list[int] = field(default_factory=list)  # per cycle: proposed tokens verified
+    model_calls: dict[str, int] = field(default_factory=dict)  # llama.cpp calls with logits, per slot
+    t_models: dict[str, float] = field(default_factory=dict)  # seconds in llama.cpp, per slot
     t_prefill: float = 0.0
     t_decode: float = 0.0
-    t_draft: float = 0.0
-    t_target: float = 0.0
     finish_reason: str = ""
 
     @property
@@ -76,7 +105,7 @@ class GenerationStats:
 
     @property
     def mean_accepted_length(self) -> float:
-        """Mean number of draft tokens accepted per verification cycle."""
+        """Mean number of proposed tokens accepted per verification cycle."""
         return float(np.mean(self.accepted_lengths)) if self.accepted_lengths else 0.0
 
     @property
@@ -85,9 +114,26 @@ class GenerationStats:
         return self.n_generated / self.t_decode if self.t_decode > 0 else 0.0
 
     @property
+    def t_draft(self) -> float:
+        return self.t_models.get("draft", 0.0)
+
+    @property
+    def t_target(self) -> float:
+        return self.t_models.get("target", 0.0)
+
+    @property
+    def total_model_calls(self) -> int:
+        return sum(self.model_calls.values())
+
+    @property
+    def model_calls_per_token(self) -> float:
+        """llama.cpp calls (any model) per generated token: the machine-independent cost."""
+        return self.total_model_calls / self.n_generated if self.n_generated else 0.0
+
+    @property
     def t_overhead(self) -> float:
         """Decode time spent outside llama.cpp calls: Python work, sampling, bookkeeping."""
-        return max(self.t_decode - self.t_draft - self.t_target, 0.0)
+        return max(self.t_decode - sum(self.t_models.values()), 0.0)
 
     def as_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k not in ("accepted_lengths", "draft_lengths")}
@@ -95,6 +141,10 @@ class GenerationStats:
             acceptance_rate=self.acceptance_rate,
             mean_accepted_length=self.mean_accepted_length,
             tokens_per_second=self.tokens_per_second,
+            t_draft=self.t_draft,
+            t_target=self.t_target,
+            total_model_calls=self.total_model_calls,
+            model_calls_per_token=self.model_calls_per_token,
             t_overhead=self.t_overhead,
             overhead_share=self.t_overhead / self.t_decode if self.t_decode else 0.0,
             accepted_lengths=list(self.accepted_lengths),
@@ -111,198 +161,111 @@ class DoneEvent:
     stats: GenerationStats
 
 
-class AdaptiveDraftLength:
-    """Chooses k for the next cycle (k = 0: a plain target step) from measurements.
+class Conversation:
+    """One conversation's decoding state: its committed context, RNG, draft-length policy and the
+    last call's statistics. Several conversations can share an engine (one decodes at a time; the
+    engine keeps whatever prefix of a conversation its caches still hold)."""
 
-    Two questions, two measurements:
-    - *How long a draft?* With per-token acceptance alpha a cycle drafting k tokens yields
-      (1 - alpha^(k+1)) / (1 - alpha) tokens and costs k * t_draft + t_verify(k + 1), where
-      t_verify(n) = a + b * n is fitted online to the target's call times (on CPUs each verified
-      row pays a full pass of the output head, so b matters). We pick the k >= 1 with the lowest
-      expected time per token.
-    - *Draft at all?* The model can be wrong (catch-up batches, confidence stops), so we compare
-      the MEASURED seconds per emitted token of drafting cycles and of plain target steps, and use
-      the faster. The slower one is re-tried now and then (probe); its interval doubles while it
-      stays slower. A probe after a long run of target steps re-feeds the draft only the last
-      `CATCH_UP_WINDOW` tokens instead of everything it missed, so a useless draft costs a few
-      percent at most.
-    The policy lives on the engine, so what it learned carries over to the next call.
-    """
-
-    FIRST_PROBE, PROBE_GROWTH, LAST_PROBE = 8, 4, 256
-
-    def __init__(self, k_max: int, decay: float = 0.9):
-        self.k_max = k_max
-        self.decay = decay
-        # Acceptance counts with a prior of 0.8 worth two observations: start by drafting.
-        self.successes, self.failures = 1.6, 0.4
-        self.t_draft: float | None = None  # seconds per draft step (EMA)
-        # Decayed sufficient statistics of (rows, seconds) for the target's call-time line.
-        self._s = np.zeros(5)  # sum w, w*n, w*n^2, w*t, w*n*t
-        self.spec_tpt: float | None = None  # measured seconds per token, drafting cycles (EMA)
-        self.target_tpt: float | None = None  # measured seconds per token, target steps (EMA)
-        self.since_probe = 0
-        self.probe_every = self.FIRST_PROBE
-
-    @property
-    def alpha(self) -> float:
-        return self.successes / (self.successes + self.failures)
-
-    def verify_time(self, n_rows: int) -> float:
-        s0, sn, snn, st, snt = self._s
-        if s0 <= 0:
-            return 0.0
-        mean_n, mean_t = sn / s0, st / s0
-        var = snn / s0 - mean_n**2
-        # Until two row counts have been seen, assume each extra row costs 30% of a call.
-        slope = (snt / s0 - mean_n * mean_t) / var if var > 0.25 else 0.3 * mean_t / max(mean_n, 1)
-        return max(mean_t + max(slope, 0.0) * (n_rows - mean_n), 1e-6)
-
-    def best_draft_length(self, k_max: int) -> int:
-        """The k in [1, k_max] with the lowest modelled time per token."""
-        if self.t_draft is None or self._s[0] <= 0:
-            return k_max
-        alpha = min(self.alpha, 0.999)
-        costs = [
-            (k * self.t_draft + self.verify_time(k + 1)) * (1 - alpha) / (1 - alpha ** (k + 1))
-            for k in range(1, k_max + 1)
-        ]
-        return 1 + int(np.argmin(costs))
-
-    @property
-    def drafting_loses(self) -> bool:
-        """True once measurements say plain target steps are faster."""
-        return self.spec_tpt is not None and self.target_tpt is not None and self.spec_tpt > self.target_tpt
-
-    def choose(self, k_max: int | None = None) -> int:
-        k_max = self.k_max if k_max is None else min(k_max, self.k_max)
-        if k_max < 1:  # no room left for a draft token
-            return 0
-        k = self.best_draft_length(k_max)
-        if self.spec_tpt is None:
-            return k
-        if self.target_tpt is None:
-            return 0
-        drafting_wins = self.spec_tpt <= self.target_tpt
-        self.since_probe += 1
-        if self.since_probe >= self.probe_every:  # re-try the losing option
-            self.since_probe = 0
-            self.probe_every = min(self.probe_every * self.PROBE_GROWTH, self.LAST_PROBE)
-            return 0 if drafting_wins else k
-        return k if drafting_wins else 0
-
-    def _ema(self, old: float | None, new: float) -> float:
-        return new if old is None else 0.8 * old + 0.2 * new
-
-    def observe_cycle(self, k: int, seconds: float, n_tokens: int) -> None:
-        """A whole cycle: k drafted (0 = target step), `n_tokens` emitted in `seconds`."""
-        was_winning = None if self.spec_tpt is None or self.target_tpt is None else not self.drafting_loses
-        if k == 0:
-            self.target_tpt = self._ema(self.target_tpt, seconds / n_tokens)
-        else:
-            self.spec_tpt = self._ema(self.spec_tpt, seconds / n_tokens)
-        if was_winning is not None and was_winning == self.drafting_loses:
-            self.probe_every = self.FIRST_PROBE  # the winner changed: probe often again
-
-    def observe_target(self, n_rows: int, seconds: float) -> None:
-        self._s *= self.decay
-        self._s += (1.0, n_rows, n_rows * n_rows, seconds, n_rows * seconds)
-
-    def observe_draft_step(self, seconds: float) -> None:
-        self.t_draft = self._ema(self.t_draft, seconds)
-
-    def observe_acceptance(self, n_proposed: int, n_accepted: int) -> None:
-        self.successes = self.decay * self.successes + n_accepted
-        self.failures = self.decay * self.failures + (1 if n_accepted < n_proposed else 0)
+    def __init__(self):
+        self.context: list[int] = []
+        self.draft_length = AdaptiveDraftLength()  # learned costs carry over between calls
+        self.rng = np.random.default_rng()
+        self.last_stats: GenerationStats | None = None
 
 
-class TextStream:
-    """Incremental detokenizer with stop strings: returns the text that is safe to show now,
-    holding back a tail that could still turn into a stop string."""
+@dataclass
+class Plan:
+    """How a mode uses the slots (see the module docstring)."""
 
-    def __init__(self, stop: tuple[str, ...]):
-        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self.stop = tuple(s for s in stop if s)
-        self._held = ""
-        self.stopped = False
-
-    def push(self, data: bytes) -> str:
-        text = self._held + self._decoder.decode(data)
-        for s in self.stop:
-            i = text.find(s)
-            if i >= 0:
-                self.stopped = True
-                self._held = ""
-                return text[:i]
-        keep = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:n]):
-                    keep = max(keep, n)
-                    break
-        self._held = text[len(text) - keep :] if keep else ""
-        return text[: len(text) - keep]
-
-    def flush(self) -> str:
-        out, self._held = self._held + self._decoder.decode(b"", final=True), ""
-        return out
+    mode: str
+    combination: Combination
+    active: tuple[int, ...]  # slots taking part: members and proposer
+    proposer: int | None = None  # the default proposer
+    gammas: tuple[int, ...] = ()  # proposal length per slot
+    extend_with_bonus: bool = False  # cos: a scoring call appends its own sample
+    windowed: int | None = None  # a proposer that may restart on a recent window (spec's draft)
 
 
 class Engine:
-    """Decodes with a target and an optional draft, keeping both KV caches across calls.
+    """Decodes over n >= 1 model slots, keeping their KV caches across calls.
 
-    `context` is the committed token list; `stream(context_tokens, config)` first reuses the longest
-    cached prefix of `context_tokens` (a chat turn re-evaluates only the new text).
+    Slot order is the user's: the draft (if any) first, then the target, then any further models;
+    `--weights` and `--gamma` list values in that order.
     """
 
-    def __init__(self, target, draft=None, token_map: TokenMap | None = None):
-        self.target = target
-        self.draft = draft
-        self.token_map = token_map
-        self.context: list[int] = []
-        self._eog = set(target.eog_ids().tolist())
-        self.policy: AdaptiveDraftLength | None = None  # learned costs carry over between calls
-        # The draft's cache holds context[draft_offset : draft_offset + draft.n_past]. The offset
-        # is 0 unless a probe re-started the draft on a recent window (its proposals then see
-        # less context, which verification makes harmless).
-        self.draft_offset = 0
-        self.n_ctx = target.n_ctx if draft is None else min(target.n_ctx, draft.n_ctx)
+    def __init__(self, slots: list[ModelSlot], eog_ids):
+        if not slots:
+            raise ValueError("an engine needs at least one model")
+        self.slots = slots
+        self.index = {slot.name: i for i, slot in enumerate(slots)}
+        self.n_ctx = min(slot.model.n_ctx for slot in slots)
+        self.exact_batch = min(slot.model.exact_batch for slot in slots)
+        self.n_vocab = slots[self.index.get("target", 0)].model.n_vocab
+        self._eog = set(int(t) for t in eog_ids)
+        self._active: Conversation | None = None
 
-    # -- helpers -------------------------------------------------------------------------------------
-    def _draft_ids(self, target_ids: list[int]) -> list[int]:
-        return target_ids if self.token_map is None else self.token_map.to_draft(target_ids)
+    def slot(self, name: str) -> ModelSlot | None:
+        i = self.index.get(name)
+        return None if i is None else self.slots[i]
 
-    def _to_target(self, draft_id: int) -> int:
-        return draft_id if self.token_map is None else self.token_map.to_target(draft_id)
+    def new_conversation(self) -> Conversation:
+        return Conversation()
 
-    def _draft_synced(self) -> int:
-        """Number of context tokens the draft's cache covers (from the start of the context)."""
-        return self.draft_offset + self.draft.n_past
+    def reset(self) -> None:
+        """Empty every cache."""
+        if self._active is not None:
+            raise EngineBusyError("cannot reset the engine while it is generating")
+        for slot in self.slots:
+            slot.reset()
 
-    def _rollback(self, n_keep: int) -> None:
-        """Roll both caches back to at most `n_keep` context tokens (the one place for rewinds)."""
-        # Always ask llama.cpp (cheap): after an interrupt our count may lag its cache.
-        self.target.rollback(min(self.target.n_past, n_keep))
-        if self.draft is not None:
-            if n_keep >= self.draft_offset:
-                self.draft.rollback(min(self.draft.n_past, n_keep - self.draft_offset))
-            else:
-                self.draft.reset()
-                self.draft_offset = n_keep
+    # -- planning ----------------------------------------------------------------------------------
+    def plan(self, config: GenerationConfig) -> Plan:
+        """The slots a mode uses and how; raises ValueError for a mode these models cannot run."""
+        mode = config.mode
+        draft, target = self.index.get("draft"), self.index.get("target", 0)
+        if mode == "target":
+            return Plan(mode, Single(target, "target"), (target,))
+        if mode in ("draft", "spec") and draft is None:
+            raise ValueError(f"mode {mode!r} needs a draft model")
+        if mode == "draft":
+            return Plan(mode, Single(draft, "draft"), (draft,))
+        if mode == "spec":
+            gammas = tuple(config.draft_max if i == draft else 0 for i in range(len(self.slots)))
+            return Plan(mode, Single(target, "target"), (draft, target), draft, gammas, windowed=draft)
+        n = len(self.slots)
+        if n < 2:
+            raise ValueError(f"mode {mode!r} combines several models: give a --draft (and --model ...)")
+        members = tuple(range(n))
+        if config.combine == "cd":
+            if n != 2:
+                raise ValueError("contrastive decoding (--combine cd) combines exactly two models, the draft and the target")
+            combination: Combination = Contrastive(expert=target, amateur=1 - target, mu=config.mu)
+        else:
+            combination = WeightedEnsemble(members, config.weights)
+        gammas = config.gamma or tuple(config.draft_max if i == 0 else 1 for i in range(n))
+        if len(gammas) != n:
+            raise ValueError(f"--gamma has {len(gammas)} values for {n} models (order: draft, target, --model ...)")
+        if mode == "collab":
+            return Plan(mode, combination, members)
+        if mode == "cos-naive":
+            return Plan(mode, combination, members, 0, gammas)
+        # cos: the model with the largest gamma proposes first (ties: the first, i.e. the draft).
+        return Plan(mode, combination, members, int(np.argmax(gammas)), gammas, extend_with_bonus=True)
 
-    def _rebase_draft(self, window: int) -> None:
-        """Restart the draft on the last `window` context tokens (cheaper than a long catch-up)."""
-        self.draft.reset()
-        self.draft_offset = max(len(self.context) - window, 0)
+    # -- the loop ------------------------------------------------------------------------------------
+    def stream(
+        self,
+        context_tokens: list[int],
+        config: GenerationConfig,
+        verifier: Verifier | None = None,
+        conversation: Conversation | None = None,
+    ) -> Iterator[TokenEvent | DoneEvent]:
+        """Generate after `context_tokens`, yielding a TokenEvent per token and a final DoneEvent.
 
-    def _draft_full_context(self) -> None:
-        """Undo a probe's short window: the draft restarts at position 0 (it then prefills all)."""
-        if self.draft_offset > 0:
-            self.draft.reset()
-            self.draft_offset = 0
-
-    def _prepare(self, context_tokens: list[int]) -> int:
-        """Make `context_tokens` the context, keeping the longest cached common prefix."""
+        Bad input (empty prompt, a prompt that does not fit, a mode these models cannot run, the
+        engine already generating) raises here, before the first event.
+        """
+        plan = self.plan(config)
         if not context_tokens:
             raise ValueError("the prompt is empty: give at least one token")
         if len(context_tokens) >= self.n_ctx:
@@ -310,90 +273,66 @@ class Engine:
                 f"the prompt has {len(context_tokens)} tokens but the context holds {self.n_ctx}; "
                 "shorten it, start a new chat or raise --ctx-size"
             )
-        common = 0
-        for a, b in zip(self.context, context_tokens):
-            if a != b:
-                break
-            common += 1
-        # The last prompt token is always re-evaluated: its logits start the reply.
-        keep = min(common, len(context_tokens) - 1)
-        self._rollback(keep)
-        self.context = list(context_tokens)
-        return len(context_tokens) - keep
+        self._check_idle()
+        conversation = conversation or Conversation()
+        verifier = verifier or default_verifier(config.sampling)
+        return self._generate(list(context_tokens), config, plan, verifier, conversation)
 
-    def reset(self) -> None:
-        """Forget the context and empty both caches."""
-        self.context = []
-        self.draft_offset = 0
-        for model in (self.target, self.draft):
-            if model is not None:
-                model.reset()
+    def _check_idle(self) -> None:
+        if self._active is not None:
+            raise EngineBusyError(
+                "these models are already generating (one stream at a time per engine): finish or close "
+                "the other stream first, or load another engine for parallel conversations"
+            )
 
-    # -- the loop ----------------------------------------------------------------------------------------
-    def stream(
-        self, context_tokens: list[int], config: GenerationConfig, verifier: Verifier | None = None
-    ) -> Iterator[TokenEvent | DoneEvent]:
-        """Generate after `context_tokens`, yielding a TokenEvent per token and a final DoneEvent."""
-        if config.mode != "target" and self.draft is None:
-            raise ValueError(f"mode {config.mode!r} needs a draft model")
+    def _generate(self, context_tokens, config, plan, verifier, conv) -> Iterator[TokenEvent | DoneEvent]:
+        self._check_idle()  # another stream may have started between stream() and the first next()
+        self._active = conv
+        slots = self.slots
         params = config.sampling
-        rng = np.random.default_rng(params.seed)
-        if verifier is None:
-            verifier = GreedyVerifier() if params.greedy else RejectionVerifier(params)
+        rng = np.random.default_rng(params.seed) if params.seed is not None else conv.rng
         stats = GenerationStats(n_prompt=len(context_tokens))
-        n_new = self._prepare(context_tokens)
-        if self.policy is None:
-            self.policy = AdaptiveDraftLength(config.draft_max)
-        policy = self.policy
+        conv.context = context = context_tokens
         text = TextStream(config.stop)
         eog = self._eog
-        target, draft = self.target, self.draft
-
+        policy = conv.draft_length if plan.mode == "spec" and config.adaptive else None
         finish = "length"
         t_start = time.perf_counter()
         try:
-            # Prefill: everything but the last prompt token, without logits.
+            # 1. Reuse each cache's longest prefix of the context, then prefill the rest (no logits).
+            for slot in slots:
+                slot.seconds, slot.calls = 0.0, 0
+            cached = [slots[i].prepare(context) for i in plan.active]
+            stats.n_prompt_cached = cached[-1] if plan.mode == "spec" else cached[0]
             t0 = time.perf_counter()
-            if n_new > 1:
-                if config.mode != "draft":
-                    target.eval(self.context[target.n_past : -1], 0)
+            for i in plan.active:
                 # The draft prefills lazily when measurements say it is not worth running.
-                draft_needed = config.mode == "draft" or (
-                    config.mode == "spec" and not (config.adaptive and policy.drafting_loses)
-                )
-                if draft is not None and draft_needed:
-                    self._draft_full_context()
-                    draft.eval(self._draft_ids(self.context[self._draft_synced() : -1]), 0)
+                if i == plan.windowed and policy is not None and policy.drafting_loses:
+                    continue
+                slots[i].full_context()
+                slots[i].prefill(context)
             stats.t_prefill = time.perf_counter() - t0
+            for slot in slots:
+                slot.seconds = 0.0
             t_decode0 = time.perf_counter()
 
+            # 2. Rounds until a limit.
+            pending: list[int] = []  # proposed tokens after the context
+            proposers: list[int] = []  # slot index per pending token
             while stats.n_generated < config.max_tokens:
-                # The verification batch is [last, x_1..x_k]: keep it within the target's exact size.
-                room = min(self.n_ctx - len(self.context), target.exact_batch)
+                room = min(self.n_ctx - len(context), self.exact_batch)
                 if room <= 0:
                     finish = "context"
                     break
-                if config.mode == "draft":
-                    new_tokens, sources = self._draft_step(params, rng, stats)
-                else:
-                    if config.mode == "target":
-                        k = 0
-                    elif config.adaptive:
-                        k = policy.choose(min(config.draft_max, room - 1))
-                    else:
-                        k = min(config.draft_max, room - 1)
-                    t_cycle = time.perf_counter()
-                    new_tokens, sources = self._cycle(k, config, params, rng, verifier, policy, stats)
-                    if config.mode == "spec":
-                        policy.observe_cycle(k, time.perf_counter() - t_cycle, len(new_tokens))
-                for token, source in zip(new_tokens, sources):
+                emitted = self._round(context, pending, proposers, room, config, plan, verifier, policy, rng, stats)
+                for token, kind, slot_name in emitted:
                     if token in eog:
                         finish = "stop"
                         break
-                    self.context.append(token)
+                    context.append(token)
                     stats.n_generated += 1
-                    piece = text.push(target.token_bytes(token))
-                    yield TokenEvent(token, piece, source)
+                    piece = text.push(slots[self.index.get("target", 0)].model.token_bytes(token))
+                    yield TokenEvent(token, piece, kind, slot_name)
                     if text.stopped:
                         finish = "stop"
                         break
@@ -403,94 +342,166 @@ class Engine:
                     break
             tail = text.flush() if not text.stopped else ""
             if tail:
-                yield TokenEvent(-1, tail, TARGET)
+                yield TokenEvent(-1, tail, SAMPLED, "")
             stats.t_decode = time.perf_counter() - t_decode0
         finally:
-            self._rollback(len(self.context))  # whatever was evaluated beyond the committed context
+            # Whatever was evaluated beyond the committed context goes; rows are per round.
+            for slot in slots:
+                slot.clear_rows()
+                slot.rollback(len(context))
             if not stats.t_decode:
                 stats.t_decode = time.perf_counter() - t_start - stats.t_prefill
-        stats.finish_reason = finish
+            for slot in slots:
+                if slot.calls:
+                    stats.model_calls[slot.name] = slot.calls
+                    stats.t_models[slot.name] = slot.seconds
+            stats.finish_reason = finish
+            conv.last_stats = stats
+            self._active = None
         yield DoneEvent(finish, stats)
 
-    def _draft_step(self, params, rng, stats) -> tuple[list[int], list[str]]:
-        """Draft alone: one token from the draft's own distribution, over the whole context."""
-        self._draft_full_context()
+    def _round(self, context, pending, proposers, room, config, plan, verifier, policy, rng, stats):
+        """Turns until a verification emits tokens; returns [(token, kind, slot name)]."""
+        t_round = time.perf_counter()
+        k = None  # spec: tokens the draft was asked for this round
+        while True:
+            bundle = self._bundle(context, pending, proposers, plan, config)
+            if bundle is not None:
+                verdict = verifier.verify(bundle, rng)
+                n_verified = len(bundle.tokens)
+                emitted = self._apply(bundle, verdict, context, pending, proposers, plan, stats)
+                if policy is not None:
+                    if n_verified:
+                        policy.observe_acceptance(n_verified, verdict.num_accepted)
+                    policy.observe_cycle(k or 0, time.perf_counter() - t_round, len(emitted))
+                return emitted
+            limit = room - 1  # most pending tokens: scoring batches stay within `room`
+            if not pending and plan.proposer is not None:
+                proposer = self._first_proposer(plan)
+                n = plan.gammas[proposer]
+                if plan.mode == "spec":
+                    k = policy.choose(min(config.draft_max, limit)) if policy is not None else min(config.draft_max, limit)
+                    n = k
+                if n > 0 and limit > 0:
+                    self._propose(proposer, n, context, pending, proposers, limit, config, plan, policy, rng)
+                    continue
+            elif pending and plan.extend_with_bonus:
+                owner = proposers[0]
+                n_more = min(plan.gammas[owner], limit) - len(pending)
+                if n_more > 0 and all(p == owner for p in proposers) and len(self.slots[owner].rows) == len(pending):
+                    self._propose(owner, n_more, context, pending, proposers, limit, config, plan, policy, rng)
+                    continue
+            self._score_turn(context, pending, proposers, limit, config, plan, policy, rng)
+
+    def _first_proposer(self, plan: Plan) -> int:
+        """With nothing pending: in CoS, the model whose row for the next position is already
+        queued proposes (the roles swap after a fully accepted proposal); else the default one."""
+        if plan.extend_with_bonus:
+            for i in plan.active:
+                if self.slots[i].rows:
+                    return i
+        return plan.proposer
+
+    def _propose(self, i, n, context, pending, proposers, limit, config, plan, policy, rng) -> None:
+        """Slot i drafts up to n tokens, one call each (its first row may already be queued)."""
+        slot = self.slots[i]
+        params = config.sampling
         t0 = time.perf_counter()
-        row = self.draft.eval(self._draft_ids(self.context[self._draft_synced() :]), 1)[0]
-        stats.t_draft += time.perf_counter() - t0
-        draft_id = sample_logits(row, params, rng)
-        return [self._to_target(draft_id)], [DRAFT]
+        calls0 = slot.calls
+        if i == plan.windowed and not pending and len(context) - slot.synced > CATCH_UP_WINDOW:
+            slot.rebase(context, CATCH_UP_WINDOW)
+        for _ in range(n):
+            position = len(pending)
+            if position >= limit:
+                break
+            if len(slot.rows) <= position:
+                slot.score(context, pending)
+            token, top_prob = self._draw(slot, position, params, rng, config.draft_p_min if plan.mode == "spec" else 0.0)
+            pending.append(token)
+            proposers.append(i)
+            if top_prob < config.draft_p_min and plan.mode == "spec":
+                break
+        if policy is not None and slot.calls > calls0:
+            policy.observe_draft_step((time.perf_counter() - t0) / (slot.calls - calls0))
 
-    def _cycle(self, k, config, params, rng, verifier, policy, stats) -> tuple[list[int], list[str]]:
-        """One draft-then-verify cycle (k = 0: a plain target step). Returns the tokens to emit."""
-        target, draft = self.target, self.draft
-        n_committed = len(self.context)
+    @staticmethod
+    def _draw(slot: ModelSlot, position: int, params, rng, p_min: float) -> tuple[int, float]:
+        """The slot's own choice at `position` (argmax, or a sample from its processed row, which
+        is kept as its proposal distribution) and the row's top probability (1.0 when unneeded)."""
+        row = slot.rows[position]
+        if params.greedy:
+            model_id = int(np.argmax(row))
+            # Softmax of the top logit; only needed for the draft's confidence cut-off.
+            top_prob = 1.0 / float(np.exp(row - row[model_id]).sum()) if p_min > 0 else 1.0
+            return slot.to_shared(model_id), top_prob
+        probs = logits_to_probs(row, params)
+        model_id = sample(probs, rng)
+        slot.probs[position] = probs if slot.token_map is None else slot.token_map.row(probs)
+        return slot.to_shared(model_id), float(probs.max())
 
-        # 1. Draft k tokens (fewer if its confidence drops).
-        draft_tokens: list[int] = []
-        draft_rows: list[np.ndarray | None] = []
-        if k > 0:
-            t0 = time.perf_counter()
-            pending = len(self.context) - self._draft_synced()
-            if pending > CATCH_UP_WINDOW:
-                self._rebase_draft(CATCH_UP_WINDOW)
-            feed = self._draft_ids(self.context[self._draft_synced() :])
-            n_calls = 0
-            # Sampling always needs the draft's rows; greedy only for a verifier that reads them
-            # (then as the draft's plain softmax).
-            want_rows = not params.greedy or verifier.needs_draft_probs
-            row_params = PLAIN_SOFTMAX if params.greedy else params
-            for _ in range(k):
-                row = draft.eval(feed, 1)[0]
-                n_calls += 1
-                if want_rows:
-                    probs = logits_to_probs(row, row_params)
-                    draft_id = int(np.argmax(row)) if params.greedy else sample(probs, rng)
-                    top_prob = float(probs.max())
-                    draft_rows.append(probs if self.token_map is None else self.token_map.row(probs))
-                else:
-                    draft_id = int(np.argmax(row))
-                    # Softmax of the top logit; only needed when the confidence cut-off is on.
-                    top_prob = 1.0 / float(np.exp(row - row[draft_id]).sum()) if config.draft_p_min > 0 else 1.0
-                    draft_rows.append(None)
-                draft_tokens.append(self._to_target(draft_id))
-                feed = [draft_id]
-                if top_prob < config.draft_p_min:
-                    break
-            dt = time.perf_counter() - t0
-            stats.t_draft += dt
-            policy.observe_draft_step(dt / n_calls)
-
-        # 2. Target scores [last, x_1..x_k] in one batch, k + 1 logit rows.
-        pending = self.context[target.n_past :]
-        if len(pending) > 1:  # catch up first (after draft-only calls): keep the batch exact-sized
-            t0 = time.perf_counter()
-            target.eval(pending[:-1], 0)
-            stats.t_target += time.perf_counter() - t0
-            pending = pending[-1:]
+    def _score_turn(self, context, pending, proposers, limit, config, plan, policy, rng) -> None:
+        """The member with the fewest rows scores every pending token (plus the bonus row) in one
+        batch; in CoS it then proposes its own sample for the position after them."""
+        members = plan.combination.members
+        i = min(members, key=lambda m: len(self.slots[m].rows))
+        slot = self.slots[i]
         t0 = time.perf_counter()
-        n_rows = len(draft_tokens) + 1
-        target_logits = target.eval(pending + draft_tokens, n_rows)
-        dt = time.perf_counter() - t0
-        stats.t_target += dt
-        policy.observe_target(n_rows, dt)
+        rows = slot.score(context, pending)
+        if policy is not None and rows:
+            policy.observe_target(len(rows), time.perf_counter() - t0)
+        if plan.extend_with_bonus and len(pending) < limit:
+            token, _ = self._draw(slot, len(pending), config.sampling, rng, 0.0)
+            pending.append(token)
+            proposers.append(i)
 
-        # 3. Verify.
-        if draft_tokens:
-            verdict = verifier.verify(draft_tokens, draft_rows, target_logits, rng)
+    def _bundle(self, context, pending, proposers, plan, config) -> RowBundle | None:
+        """The bundle of every position all members have scored, or None."""
+        slots = self.slots
+        n_positions = min(len(slots[i].rows) for i in plan.combination.members)
+        if n_positions == 0:
+            return None
+        t = min(n_positions, len(pending))
+        return RowBundle(slots, plan.combination, config.sampling, pending[:t], proposers[:t], n_positions, self.n_vocab)
+
+    def _apply(self, bundle: RowBundle, verdict: Verdict, context, pending, proposers, plan, stats):
+        """Check the verdict, update queues and caches, and return the tokens to emit."""
+        t = len(bundle.tokens)
+        m = verdict.num_accepted
+        if not 0 <= m <= t:
+            raise RuntimeError(f"verifier accepted {m} of {t} proposed tokens")
+        if len(verdict.accepted_kinds) != m or not set(verdict.accepted_kinds) <= {ACCEPTED, ARBITRATED}:
+            raise RuntimeError("verifier must give one provenance (accepted or arbitrated) per accepted token")
+        wants_next = m < t or bundle.has_bonus_row
+        if (verdict.next_token is None) == wants_next:
+            raise RuntimeError(
+                f"verifier {'must' if wants_next else 'cannot'} give a next token "
+                f"({m} of {t} accepted, bonus row {'present' if bundle.has_bonus_row else 'absent'})"
+            )
+        if verdict.next_token is not None and not 0 <= verdict.next_token < self.n_vocab:
+            raise RuntimeError(f"verifier chose token {verdict.next_token} outside the vocabulary")
+        slots = self.slots
+        emitted = [(pending[j], verdict.accepted_kinds[j], slots[proposers[j]].name) for j in range(m)]
+        if t:
             stats.n_cycles += 1
-            stats.n_drafted += len(draft_tokens)
-            stats.n_accepted += verdict.num_accepted
-            stats.accepted_lengths.append(verdict.num_accepted)
-            stats.draft_lengths.append(len(draft_tokens))
-            policy.observe_acceptance(len(draft_tokens), verdict.num_accepted)
+            stats.n_drafted += t
+            stats.n_accepted += m
+            stats.accepted_lengths.append(m)
+            stats.draft_lengths.append(t)
         else:
-            verdict = Verdict(0, sample_logits(target_logits[0], params, rng), False)
             stats.n_target_steps += 1
-
-        # 4. Roll back whatever was evaluated beyond the accepted prefix.
-        self._rollback(n_committed + verdict.num_accepted)
-
-        # 5. The tokens to emit, with their provenance.
-        accepted = draft_tokens[: verdict.num_accepted]
-        return accepted + [verdict.next_token], verdict.accepted_sources + [TARGET]
+        n_committed = len(context)
+        if verdict.next_token is not None:
+            members = plan.combination.members
+            maker = slots[members[0]].name if len(members) == 1 else COMBINED
+            emitted.append((verdict.next_token, verdict.next_kind, maker))
+        if m < t:  # a rejection: everything after the correction is stale
+            for i in plan.active:
+                slots[i].clear_rows()
+                slots[i].rollback(n_committed + m)
+            del pending[:], proposers[:]
+        else:
+            n_done = m + (verdict.next_token is not None)
+            for slot in slots:
+                slot.pop_rows(n_done)
+            del pending[:n_done], proposers[:n_done]
+        return emitted

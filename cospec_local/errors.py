@@ -19,3 +19,7 @@ class ContextOverflowError(CospecError):
 
 class RollbackError(CospecError):
     """The model's memory cannot remove a suffix (recurrent or hybrid architectures)."""
+
+
+class EngineBusyError(CospecError):
+    """A second generation was started on models that are still generating (one at a time)."""

@@ -1,143 +1,178 @@
-"""Verification rules: pure functions over rows of the draft's and the target's outputs.
+"""Verification rules: pure functions over one bundle of rows.
 
 Glossary (used across the package):
-- draft tokens `x_1..x_k`: what the draft proposed, in TARGET ids;
-- `draft_probs[j]`: the draft's processed distribution the j-th token was drawn from, indexed by
-  target ids (a numpy row, or a `pair.MappedRow` for drafts with a trimmed vocabulary);
-- `target_probs[j]` / `target_logits[j]`: the target's row at the position of `x_{j+1}`; there are
-  k + 1 rows, the last one follows all k draft tokens;
-- accepted tokens: the draft tokens kept, always a prefix `x_1..x_m` (m = `num_accepted`);
-- next token: the one token every cycle adds after the accepted prefix. It is a *correction*
-  (resampled from the residual, or the target's argmax) when a draft token was rejected, or a
-  *bonus* (drawn from the last target row) when all k were accepted.
+- *position j*: the j-th token after the committed context (j = 0 is the next token);
+- *proposed tokens* `x_0..x_{t-1}`: tokens some model proposed for positions 0..t-1, in shared
+  (target) ids; `proposers[j]` is the slot that proposed x_j, and `q_j = bundle.probs(proposers[j], j)`
+  the distribution it drew x_j from;
+- *r_j*: the distribution the output must follow at position j, built from the member models'
+  rows by the mode's `combine.Combination` (for plain speculative decoding r = the target's p);
+- *accepted tokens*: the proposed tokens kept, always a prefix `x_0..x_{m-1}` (m = `num_accepted`);
+- *next token*: the token emitted after the accepted prefix. A *correction* when x_m was rejected
+  (drawn from the residual norm(max(0, r_m - q_m)), or argmax r_m when greedy); a *bonus* when all
+  t were accepted and the members' rows for position t are in the bundle (drawn from r_t); or none
+  when all were accepted and position t has no rows yet (the collaborative modes: a later call
+  brings them).
 
-A `Verifier` turns one cycle's rows into a `Verdict`. Greedy and rejection sampling are here; the
-collaborative modes plug in other verifiers (a combined distribution instead of the target's, or a
-learned arbiter that may keep a mismatching draft token) without touching the decoding loop.
+A `Verifier` turns a `RowBundle` into a `Verdict`; the engine checks the verdict (counts within
+the run, one provenance per emitted token) before acting on it. Greedy and rejection sampling
+against r are here; a learned arbiter (CoSpec) plugs in the same way.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 
 from .sampling import SamplingParams, logits_to_probs, sample
 
-# Where an emitted token came from.
-DRAFT = "draft"  # a draft token the verifier accepted
-TARGET = "target"  # a token the target chose: correction, bonus or a plain target step
-ARBITRATED = "arbitrated"  # a mismatching draft token a verifier chose to keep (CoSpec)
+# How an emitted token was produced (its provenance); the slot that produced it travels alongside.
+ACCEPTED = "accepted"  # a proposed token the verifier accepted
+CORRECTION = "correction"  # drawn from the residual (or r's argmax) after a rejection
+BONUS = "bonus"  # drawn from r after every proposed token was accepted
+SAMPLED = "sampled"  # drawn from r with nothing proposed (target-only, draft-only, collab steps)
+ARBITRATED = "arbitrated"  # a mismatching proposed token a verifier chose to keep (CoSpec)
+PROPOSED_KINDS = (ACCEPTED, ARBITRATED)  # tokens a proposer wrote
+
+# The distribution a greedy proposer is credited with: its plain softmax.
+PLAIN_SOFTMAX = SamplingParams(temperature=1.0)
+
+
+class RowBundle:
+    """The rows of one verification: for every slot, raw logits (`logits(i, j)`, model ids) and
+    processed distributions (`probs(i, j)`, shared ids, computed on first read) at each position
+    it has scored; the proposed tokens and who proposed them; r through the mode's combination.
+
+    `n_positions` = positions every member has scored; tokens at positions < n_positions can be
+    verified; `has_bonus_row` says whether position len(tokens) is among them.
+    """
+
+    def __init__(self, slots, combination, params: SamplingParams, tokens, proposers, n_positions, n_vocab):
+        self.slots = slots
+        self.combination = combination
+        self.params = params
+        self.tokens = tokens
+        self.proposers = proposers
+        self.n_positions = n_positions
+        self.n_vocab = n_vocab
+        self._combined: dict[int, np.ndarray] = {}
+
+    @property
+    def has_bonus_row(self) -> bool:
+        return self.n_positions > len(self.tokens)
+
+    def logits(self, i: int, j: int) -> np.ndarray:
+        """Slot i's raw logits at position j (model ids; a view: do not keep it)."""
+        return self.slots[i].rows[j]
+
+    def probs(self, i: int, j: int):
+        """Slot i's processed distribution at position j over shared ids (a `pair.MappedRow` for a
+        trimmed draft). Greedy decoding credits each model with its plain softmax."""
+        slot = self.slots[i]
+        row = slot.probs[j]
+        if row is None:
+            params = PLAIN_SOFTMAX if self.params.greedy else self.params
+            row = logits_to_probs(slot.rows[j], params)
+            if slot.token_map is not None:
+                row = slot.token_map.row(row)
+            slot.probs[j] = row
+        return row
+
+    def proposal_probs(self, j: int):
+        """q_j: the distribution the proposed token x_j was drawn from."""
+        return self.probs(self.proposers[j], j)
+
+    def combined(self, j: int) -> np.ndarray:
+        """r_j, dense over shared ids (cached)."""
+        r = self._combined.get(j)
+        if r is None:
+            r = self._combined[j] = self.combination.probs(self, j)
+        return r
+
+    def combined_argmax(self, j: int) -> int:
+        return self.combination.argmax(self, j)
+
+    def sample_combined(self, j: int, rng: np.random.Generator) -> int:
+        if j in self._combined:
+            return sample(self._combined[j], rng)
+        return self.combination.sample(self, j, rng)
 
 
 @dataclass
 class Verdict:
-    """The outcome of verifying one proposal."""
+    """The outcome of verifying a bundle: keep `num_accepted` proposed tokens, then emit
+    `next_token` (None: nothing more this round) produced as `next_kind`."""
 
     num_accepted: int
-    next_token: int
-    next_is_bonus: bool
-    # Provenance of each accepted token; defaults to DRAFT for all of them.
-    accepted_sources: list[str] = field(default_factory=list)
+    next_token: int | None
+    next_kind: str
+    # Provenance of each accepted token; defaults to ACCEPTED for all of them.
+    accepted_kinds: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        if not self.accepted_sources:
-            self.accepted_sources = [DRAFT] * self.num_accepted
+        if not self.accepted_kinds:
+            self.accepted_kinds = [ACCEPTED] * self.num_accepted
 
 
 class Verifier(Protocol):
-    """Decides which draft tokens to keep and what comes next.
+    """Decides which proposed tokens to keep and what comes next."""
 
-    `needs_draft_probs` tells the engine whether to build the draft's probability rows in greedy
-    mode too (sampling always builds them): a combined or arbitrated rule reads them, plain greedy
-    does not, and skipping them saves a softmax per drafted token.
-    """
-
-    needs_draft_probs: bool
-
-    def verify(
-        self,
-        draft_tokens: list[int],
-        draft_rows: list[np.ndarray],
-        target_logits: np.ndarray,
-        rng: np.random.Generator,
-    ) -> Verdict:
-        """`draft_rows[j]` is the draft's distribution for token j over target ids: the processed
-        sampling distribution when sampling, the plain softmax of its logits when greedy and
-        `needs_draft_probs` is set, else None. `target_logits` has len(draft_tokens) + 1 rows (a
-        view into llama.cpp's buffer: do not keep it)."""
-        ...
+    def verify(self, bundle: RowBundle, rng: np.random.Generator) -> Verdict: ...
 
 
-def verify_greedy(draft_tokens: list[int], target_logits: np.ndarray) -> Verdict:
-    """Accept while the target's argmax equals the draft token; the first mismatch is replaced by
-    the target's argmax; if all match, the bonus is the argmax of the last row."""
-    target_choice = np.argmax(target_logits, axis=1)
-    for j, token in enumerate(draft_tokens):
-        if target_choice[j] != token:
-            return Verdict(j, int(target_choice[j]), False)
-    return Verdict(len(draft_tokens), int(target_choice[-1]), True)
+def verify_greedy(tokens: list[int], choose: Callable[[int], int], has_bonus_row: bool) -> Verdict:
+    """Accept while the greedy choice of r equals the proposed token; the first mismatch is replaced
+    by that choice; if all match, the bonus is the choice at the next position (when scored)."""
+    for j, token in enumerate(tokens):
+        choice = choose(j)
+        if choice != token:
+            return Verdict(j, choice, CORRECTION)
+    if has_bonus_row:
+        return Verdict(len(tokens), choose(len(tokens)), BONUS)
+    return Verdict(len(tokens), None, BONUS)
 
 
-def verify_rejection(
-    draft_tokens: list[int],
-    draft_probs: list[np.ndarray],
-    target_probs: list[np.ndarray],
-    rng: np.random.Generator,
-) -> Verdict:
-    """Speculative sampling (Leviathan et al. 2023): accept x_j with probability
-    min(1, p_j(x_j) / q_j(x_j)); on the first rejection draw from norm(max(0, p_j - q_j)); if all
-    are accepted draw a bonus token from p_{k+1}. The emitted tokens follow p exactly."""
-    for j, token in enumerate(draft_tokens):
-        p = target_probs[j]
-        q = draft_probs[j]
-        # q[token] > 0 always: the draft sampled it from q.
-        if rng.random() * q[token] <= p[token]:
+def residual(target_probs: np.ndarray, proposal_probs) -> np.ndarray:
+    """norm(max(0, r - q)) up to normalisation; `r` itself when r == q up to rounding."""
+    if isinstance(proposal_probs, np.ndarray):
+        out = np.maximum(target_probs - proposal_probs, 0.0)
+    else:  # a trimmed draft's MappedRow: no target-wide copy of q
+        out = proposal_probs.residual_from(target_probs)
+    return out if out.sum() > 0.0 else target_probs
+
+
+def verify_rejection(bundle: RowBundle, rng: np.random.Generator) -> Verdict:
+    """Speculative sampling (Leviathan et al. 2023) against r: accept x_j with probability
+    min(1, r_j(x_j) / q_j(x_j)); on the first rejection draw from norm(max(0, r_j - q_j)); if all
+    are accepted and position t is scored, draw a bonus from r_t. The output follows r exactly."""
+    for j, token in enumerate(bundle.tokens):
+        r = bundle.combined(j)
+        q = bundle.proposal_probs(j)
+        # q[token] > 0 always: the proposer sampled it from q.
+        if rng.random() * q[token] <= r[token]:
             continue
-        # Mapped draft rows (trimmed vocabularies) compute this without a target-wide copy of q.
-        residual = q.residual_from(p) if hasattr(q, "residual_from") else np.maximum(p - q, 0.0)
-        if residual.sum() <= 0.0:  # p == q up to rounding: any draw from p is right
-            residual = p
-        return Verdict(j, sample(residual, rng), False)
-    return Verdict(len(draft_tokens), sample(target_probs[len(draft_tokens)], rng), True)
+        return Verdict(j, sample(residual(r, q), rng), CORRECTION)
+    t = len(bundle.tokens)
+    if bundle.has_bonus_row:
+        return Verdict(t, bundle.sample_combined(t, rng), BONUS)
+    return Verdict(t, None, BONUS)
 
 
 class GreedyVerifier:
-    """Token-for-token identical to target-only greedy decoding."""
+    """Output token-for-token equal to greedy decoding of r (target-only greedy for `spec`)."""
 
-    needs_draft_probs = False
-
-    def verify(self, draft_tokens, draft_rows, target_logits, rng) -> Verdict:
-        return verify_greedy(draft_tokens, target_logits)
-
-
-class LazyProbs:
-    """Rows of logits turned into processed distributions only when first read: verification
-    usually stops before the last row, and each 262k-wide row costs about a millisecond."""
-
-    def __init__(self, logits: np.ndarray, params: SamplingParams):
-        self.logits = logits
-        self.params = params
-        self._rows: dict[int, np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return len(self.logits)
-
-    def __getitem__(self, j: int) -> np.ndarray:
-        row = self._rows.get(j)
-        if row is None:
-            row = self._rows[j] = logits_to_probs(self.logits[j], self.params)
-        return row
+    def verify(self, bundle: RowBundle, rng) -> Verdict:
+        return verify_greedy(bundle.tokens, bundle.combined_argmax, bundle.has_bonus_row)
 
 
 class RejectionVerifier:
-    """Output distribution equal to target-only sampling with the same `SamplingParams`."""
+    """Output distributed exactly as sampling from r with the same `SamplingParams`."""
 
-    needs_draft_probs = True
+    def verify(self, bundle: RowBundle, rng) -> Verdict:
+        return verify_rejection(bundle, rng)
 
-    def __init__(self, params: SamplingParams):
-        self.params = params
 
-    def verify(self, draft_tokens, draft_rows, target_logits, rng) -> Verdict:
-        return verify_rejection(draft_tokens, draft_rows, LazyProbs(target_logits, self.params), rng)
+def default_verifier(params: SamplingParams) -> Verifier:
+    return GreedyVerifier() if params.greedy else RejectionVerifier()

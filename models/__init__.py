@@ -1,1 +1,1 @@
-"""Model recipes: the default pair, the frequency corpus, the trained test-world family."""
+"""Model data and recipes: the frequency corpus generator and the trained test-world family."""

@@ -3,7 +3,7 @@
 A vocabulary-trimmed draft agrees with its target exactly when the target's next token is in the
 draft's vocabulary, so the corpus must look like what the target actually writes: prose, chat,
 code, numbers, lists. This script samples the target (greedy and at temperature 0.8) after each
-prompt below and writes `models/corpus/gemma3_270m_samples.txt`, which ships with the project.
+prompt below and writes `cospec_local/data/corpus/gemma3_270m_samples.txt`, which ships with the project.
 
     python -m models.make_corpus [--tokens-per-prompt 160]
 """
@@ -100,12 +100,12 @@ PROMPTS = [
 
 @click.command()
 @click.option("--tokens-per-prompt", default=160, show_default=True)
-@click.option("--out", default=str(Path(__file__).parent / "corpus" / "gemma3_270m_samples.txt"), show_default=True)
+@click.option("--out", default=str(Path(__file__).resolve().parents[1] / "cospec_local" / "data" / "corpus" / "gemma3_270m_samples.txt"), show_default=True)
 def main(tokens_per_prompt: int, out: str) -> None:
     from tqdm import tqdm
 
     from cospec_local import load_pair
-    from models.default_pair import target_path
+    from cospec_local.default_pair import target_path
 
     pair = load_pair(None, target_path(), n_ctx=1024)
     blocks = []

@@ -5,7 +5,7 @@ import pytest
 
 from cospec_local import ContextOverflowError, GenerationConfig, load_pair
 from cospec_local.backend import LlamaModel, LoadOptions
-from cospec_local.verify import DRAFT, TARGET
+from cospec_local.verify import ACCEPTED, BONUS, CORRECTION, SAMPLED
 from stats_util import assert_matches
 
 PROMPTS = ["the cat sat on", "hello world, 12", "a"]
@@ -24,7 +24,7 @@ def test_self_draft_accepts_everything_and_matches_target(tiny_target, k):
             assert out.tokens == ref.tokens
             assert out.stats.acceptance_rate == 1.0
             assert out.stats.n_drafted > 0
-            assert DRAFT in out.sources
+            assert ACCEPTED in out.sources
 
 
 @pytest.mark.parametrize("k", [1, 2, 4, 8])
@@ -36,7 +36,7 @@ def test_unrelated_draft_still_matches_target(tiny_target, tiny_other, k):
             assert out.tokens == ref.tokens
             assert out.stats.n_drafted > 0
             assert out.stats.acceptance_rate < 0.5  # the premise: mostly rejected
-            assert TARGET in out.sources
+            assert CORRECTION in out.sources
 
 
 def test_adaptive_mode_matches_target_and_backs_off(tiny_target, tiny_other):
@@ -47,7 +47,7 @@ def test_adaptive_mode_matches_target_and_backs_off(tiny_target, tiny_other):
         # With a useless draft the policy falls back to plain target steps most of the time,
         # and its rare probes restart the draft on a short recent window instead of catching up.
         assert out.stats.n_target_steps > out.stats.n_cycles
-        assert pair.engine.draft_offset > 0
+        assert pair.engine.slot("draft").offset > 0
         # The next call reuses the cache and stays identical to the target alone.
         again = greedy(pair, PROMPTS[0], mode="spec", draft_p_min=0.0, max_tokens=200)
         assert again.tokens == ref.tokens
@@ -121,9 +121,9 @@ def test_stopping_early_leaves_engine_consistent(tiny_target, tiny_other):
         stream = pair.stream(PROMPTS[1], temperature=0, max_tokens=50, draft_max=4)
         got = [next(stream).token for _ in range(7)]
         stream.close()  # like Ctrl-C / break in a consumer
-        assert pair.target.n_past <= len(pair.engine.context)
-        assert pair.draft.n_past <= len(pair.engine.context)
-        cont = greedy(pair, pair.engine.context, mode="spec", max_tokens=20).tokens
+        assert pair.target.n_past <= len(pair.conversation.context)
+        assert pair.draft.n_past <= len(pair.conversation.context)
+        cont = greedy(pair, pair.conversation.context, mode="spec", max_tokens=20).tokens
         pair.engine.reset()
         ref = greedy(pair, PROMPTS[1], mode="target", max_tokens=27).tokens
         assert got + cont == ref
@@ -282,9 +282,9 @@ def test_interrupting_a_chat_reply_keeps_the_session_usable(tiny_target, tiny_ot
         with pytest.raises(KeyboardInterrupt):
             stream.throw(KeyboardInterrupt)
         assert chat.messages[-1] == {"role": "assistant", "content": shown.strip()}
-        assert pair.target.n_past <= len(pair.engine.context)
+        assert pair.target.n_past <= len(chat.conversation.context)
         after = chat.say("and then?", temperature=0, max_tokens=20).tokens
-        context = list(pair.engine.context)
+        context = list(chat.conversation.context)
     with load_pair(None, tiny_target, n_ctx=1024, n_threads=1) as alone:
         ref = greedy(alone, context[: len(context) - len(after)], mode="target", max_tokens=20).tokens
     assert after == ref

@@ -3,8 +3,35 @@
 import numpy as np
 import pytest
 
-from cospec_local.verify import DRAFT, verify_greedy, verify_rejection
+from cospec_local.combine import Single
+from cospec_local.sampling import SamplingParams
+from cospec_local.verify import ACCEPTED, BONUS, CORRECTION, RowBundle, verify_greedy, verify_rejection
 from stats_util import assert_matches, chi2_critical
+
+
+class RowsOnly:
+    """A slot reduced to what a RowBundle reads: queued rows and their processed distributions."""
+
+    token_map = None
+
+    def __init__(self, rows):
+        self.rows = list(rows)
+        self.probs = [None] * len(self.rows)
+
+    def to_shared(self, model_id):
+        return model_id
+
+
+def bundle(tokens, draft_probs, target_probs):
+    """Slot 0 proposed `tokens` from `draft_probs`; slot 1 (the target) scored len(target_probs) rows.
+    Rows are log-probabilities, so the processed distribution at temperature 1 is the row itself."""
+    slots = [RowsOnly(np.log(draft_probs)), RowsOnly(np.log(target_probs))]
+    return RowBundle(slots, Single(1), SamplingParams(temperature=1.0), list(tokens), [0] * len(tokens),
+                     len(target_probs), len(target_probs[0]))
+
+
+def greedy_verdict(tokens, target_logits):
+    return verify_greedy(tokens, lambda j: int(np.argmax(target_logits[j])), len(target_logits) > len(tokens))
 
 
 def onehot_logits(ids, n=6):
@@ -14,19 +41,24 @@ def onehot_logits(ids, n=6):
 
 
 def test_greedy_accepts_all_and_takes_bonus():
-    v = verify_greedy([1, 2, 3], onehot_logits([1, 2, 3, 4]))
-    assert (v.num_accepted, v.next_token, v.next_is_bonus) == (3, 4, True)
-    assert v.accepted_sources == [DRAFT] * 3
+    v = greedy_verdict([1, 2, 3], onehot_logits([1, 2, 3, 4]))
+    assert (v.num_accepted, v.next_token, v.next_kind) == (3, 4, BONUS)
+    assert v.accepted_kinds == [ACCEPTED] * 3
 
 
 def test_greedy_replaces_first_mismatch():
-    v = verify_greedy([1, 2, 3], onehot_logits([1, 5, 3, 4]))
-    assert (v.num_accepted, v.next_token, v.next_is_bonus) == (1, 5, False)
+    v = greedy_verdict([1, 2, 3], onehot_logits([1, 5, 3, 4]))
+    assert (v.num_accepted, v.next_token, v.next_kind) == (1, 5, CORRECTION)
 
 
 def test_greedy_rejects_first_token():
-    v = verify_greedy([1], onehot_logits([0, 4]))
+    v = greedy_verdict([1], onehot_logits([0, 4]))
     assert (v.num_accepted, v.next_token) == (0, 0)
+
+
+def test_greedy_without_a_bonus_row_emits_nothing_after_a_fully_accepted_run():
+    v = greedy_verdict([1, 2], onehot_logits([1, 2]))
+    assert (v.num_accepted, v.next_token) == (2, None)
 
 
 def random_dist(rng, n):
@@ -46,10 +78,10 @@ def test_rejection_sampling_matches_target_distribution(k):
     trials = 20000
     for _ in range(trials):
         tokens = [int(rng.choice(n, p=q)) for q in draft]
-        v = verify_rejection(tokens, draft, target, rng)
+        v = verify_rejection(bundle(tokens, draft, target), rng)
         emitted = tokens[: v.num_accepted] + [v.next_token]
         counts[emitted[0]] += 1
-        paths["bonus" if v.next_is_bonus else "residual"] += 1
+        paths["bonus" if v.next_kind == BONUS else "residual"] += 1
     assert paths["residual"] > 1000 and paths["bonus"] > 1000
     assert_matches(counts, target[0])
 
@@ -64,7 +96,7 @@ def test_rejection_sampling_second_position_is_target_conditional():
     counts = np.zeros(n)
     for _ in range(30000):
         tokens = [int(rng.choice(n, p=q)) for q in draft]
-        v = verify_rejection(tokens, draft, target, rng)
+        v = verify_rejection(bundle(tokens, draft, target), rng)
         emitted = tokens[: v.num_accepted] + [v.next_token]
         if len(emitted) >= 2:
             counts[emitted[1]] += 1
@@ -76,8 +108,8 @@ def test_identical_distributions_accept_everything():
     p = random_dist(rng, 8)
     for _ in range(200):
         tokens = [int(rng.choice(8, p=p)) for _ in range(3)]
-        v = verify_rejection(tokens, [p] * 3, [p] * 4, rng)
-        assert v.num_accepted == 3 and v.next_is_bonus
+        v = verify_rejection(bundle(tokens, [p] * 3, [p] * 4), rng)
+        assert v.num_accepted == 3 and v.next_kind == BONUS
 
 
 def test_chi2_helper_rejects_a_wrong_distribution():

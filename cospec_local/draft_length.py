@@ -1,0 +1,114 @@
+"""How many tokens the draft proposes each cycle, chosen from measured acceptance and costs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# A probe after many target-only steps feeds the draft at most this many recent tokens.
+CATCH_UP_WINDOW = 16
+
+
+class AdaptiveDraftLength:
+    """Chooses k for the next cycle (k = 0: a plain target step) from measurements.
+
+    Two questions, two measurements:
+    - *How long a draft?* With per-token acceptance alpha a cycle drafting k tokens yields
+      (1 - alpha^(k+1)) / (1 - alpha) tokens and costs k * t_draft + t_verify(k + 1), where
+      t_verify(n) = a + b * n is fitted online to the target's call times (on CPUs each verified
+      row pays a full pass of the output head, so b matters). We pick the k >= 1 with the lowest
+      expected time per token.
+    - *Draft at all?* The model can be wrong (catch-up batches, confidence stops), so we compare
+      the MEASURED seconds per emitted token of drafting cycles and of plain target steps, and use
+      the faster. The slower one is re-tried now and then (probe); its interval doubles while it
+      stays slower. A probe after a long run of target steps re-feeds the draft only the last
+      `CATCH_UP_WINDOW` tokens instead of everything it missed, so a useless draft costs a few
+      percent at most.
+    The policy lives in the conversation (`engine.Conversation`), so what it learned carries over
+    to that conversation's next call. The cap on k is given per call (`choose(k_max)`), so a later
+    call with a larger `-k` drafts up to its own cap.
+    """
+
+    FIRST_PROBE, PROBE_GROWTH, LAST_PROBE = 8, 4, 256
+
+    def __init__(self, decay: float = 0.9):
+        self.decay = decay
+        # Acceptance counts with a prior of 0.8 worth two observations: start by drafting.
+        self.successes, self.failures = 1.6, 0.4
+        self.t_draft: float | None = None  # seconds per draft step (EMA)
+        # Decayed sufficient statistics of (rows, seconds) for the target's call-time line.
+        self._s = np.zeros(5)  # sum w, w*n, w*n^2, w*t, w*n*t
+        self.spec_tpt: float | None = None  # measured seconds per token, drafting cycles (EMA)
+        self.target_tpt: float | None = None  # measured seconds per token, target steps (EMA)
+        self.since_probe = 0
+        self.probe_every = self.FIRST_PROBE
+
+    @property
+    def alpha(self) -> float:
+        return self.successes / (self.successes + self.failures)
+
+    def verify_time(self, n_rows: int) -> float:
+        s0, sn, snn, st, snt = self._s
+        if s0 <= 0:
+            return 0.0
+        mean_n, mean_t = sn / s0, st / s0
+        var = snn / s0 - mean_n**2
+        # Until two row counts have been seen, assume each extra row costs 30% of a call.
+        slope = (snt / s0 - mean_n * mean_t) / var if var > 0.25 else 0.3 * mean_t / max(mean_n, 1)
+        return max(mean_t + max(slope, 0.0) * (n_rows - mean_n), 1e-6)
+
+    def best_draft_length(self, k_max: int) -> int:
+        """The k in [1, k_max] with the lowest modelled time per token."""
+        if self.t_draft is None or self._s[0] <= 0:
+            return k_max
+        alpha = min(self.alpha, 0.999)
+        costs = [
+            (k * self.t_draft + self.verify_time(k + 1)) * (1 - alpha) / (1 - alpha ** (k + 1))
+            for k in range(1, k_max + 1)
+        ]
+        return 1 + int(np.argmin(costs))
+
+    @property
+    def drafting_loses(self) -> bool:
+        """True once measurements say plain target steps are faster."""
+        return self.spec_tpt is not None and self.target_tpt is not None and self.spec_tpt > self.target_tpt
+
+    def choose(self, k_max: int) -> int:
+        """k for the next cycle: 0 (a plain target step) or 1..k_max."""
+        if k_max < 1:  # no room left for a draft token
+            return 0
+        k = self.best_draft_length(k_max)
+        if self.spec_tpt is None:
+            return k
+        if self.target_tpt is None:
+            return 0
+        drafting_wins = self.spec_tpt <= self.target_tpt
+        self.since_probe += 1
+        if self.since_probe >= self.probe_every:  # re-try the losing option
+            self.since_probe = 0
+            self.probe_every = min(self.probe_every * self.PROBE_GROWTH, self.LAST_PROBE)
+            return 0 if drafting_wins else k
+        return k if drafting_wins else 0
+
+    def _ema(self, old: float | None, new: float) -> float:
+        return new if old is None else 0.8 * old + 0.2 * new
+
+    def observe_cycle(self, k: int, seconds: float, n_tokens: int) -> None:
+        """A whole cycle: k drafted (0 = target step), `n_tokens` emitted in `seconds`."""
+        was_winning = None if self.spec_tpt is None or self.target_tpt is None else not self.drafting_loses
+        if k == 0:
+            self.target_tpt = self._ema(self.target_tpt, seconds / n_tokens)
+        else:
+            self.spec_tpt = self._ema(self.spec_tpt, seconds / n_tokens)
+        if was_winning is not None and was_winning == self.drafting_loses:
+            self.probe_every = self.FIRST_PROBE  # the winner changed: probe often again
+
+    def observe_target(self, n_rows: int, seconds: float) -> None:
+        self._s *= self.decay
+        self._s += (1.0, n_rows, n_rows * n_rows, seconds, n_rows * seconds)
+
+    def observe_draft_step(self, seconds: float) -> None:
+        self.t_draft = self._ema(self.t_draft, seconds)
+
+    def observe_acceptance(self, n_proposed: int, n_accepted: int) -> None:
+        self.successes = self.decay * self.successes + n_accepted
+        self.failures = self.decay * self.failures + (1 if n_accepted < n_proposed else 0)

@@ -1,0 +1,37 @@
+"""Turning emitted token bytes into text: incremental UTF-8 decoding and stop strings."""
+
+from __future__ import annotations
+
+import codecs
+
+
+class TextStream:
+    """Incremental detokenizer with stop strings: returns the text that is safe to show now,
+    holding back a tail that could still turn into a stop string."""
+
+    def __init__(self, stop: tuple[str, ...]):
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.stop = tuple(s for s in stop if s)
+        self._held = ""
+        self.stopped = False
+
+    def push(self, data: bytes) -> str:
+        text = self._held + self._decoder.decode(data)
+        for s in self.stop:
+            i = text.find(s)
+            if i >= 0:
+                self.stopped = True
+                self._held = ""
+                return text[:i]
+        keep = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:n]):
+                    keep = max(keep, n)
+                    break
+        self._held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep]
+
+    def flush(self) -> str:
+        out, self._held = self._held + self._decoder.decode(b"", final=True), ""
+        return out
