@@ -33,6 +33,8 @@ def model_options(fn):
     options = [
         click.option("--draft", type=click.Path(dir_okay=False), help="Draft GGUF (default: the default pair's draft)."),
         click.option("--target", type=click.Path(dir_okay=False), help="Target GGUF (default: Gemma 3 270M)."),
+        click.option("--model", "models", multiple=True, type=click.Path(dir_okay=False),
+                     help="A further model for the collaborative modes (repeatable; same vocabulary as the target)."),
         click.option("--target-ngl", type=int, default=0, show_default=True, help="Target layers offloaded to the GPU."),
         click.option("--draft-ngl", type=int, default=0, show_default=True, help="Draft layers offloaded to the GPU."),
         click.option("--ctx-size", type=int, default=4096, show_default=True, help="Context size (tokens) of each model."),
@@ -44,9 +46,15 @@ def model_options(fn):
     return fn
 
 
-def generation_options(fn):
-    """One flag per GenerationConfig field, defaults taken from it."""
+def generation_options(fn=None, *, exclude=(), defaults=None):
+    """One flag per GenerationConfig field, defaults taken from it (`defaults` overrides what the
+    help says for commands with other defaults; `exclude` leaves fields out)."""
+    if fn is None:
+        return lambda f: generation_options(f, exclude=exclude, defaults=defaults)
     for name, default, help_text, flag, items in reversed(config_fields()):
+        if name in exclude:
+            continue
+        default = (defaults or {}).get(name, default)
         decls = flag.split("/") if flag else ["--" + name.replace("_", "-")]
         if items is not None:
             opt = click.option(*decls, name, type=str, default=None, help=help_text)
@@ -78,7 +86,7 @@ def build_config(base: GenerationConfig, kwargs: dict) -> GenerationConfig:
     return base.with_(**changes)
 
 
-def open_pair(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose, need_draft=True):
+def open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose, need_draft=True):
     """Load the requested pair; with no model flags, the default pair (built on first use)."""
     from cospec_local import default_pair, load_pair
 
@@ -89,7 +97,8 @@ def open_pair(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose, 
     if draft is None and need_draft:
         raise click.UsageError("this mode needs a draft: pass --draft, or --mode target")
     return load_pair(
-        draft, target, n_ctx=ctx_size, n_threads=threads, target_ngl=target_ngl, draft_ngl=draft_ngl, verbose=verbose
+        draft, target, models=tuple(models), n_ctx=ctx_size, n_threads=threads, target_ngl=target_ngl,
+        draft_ngl=draft_ngl, verbose=verbose,
     )
 
 
@@ -104,7 +113,10 @@ def format_stats(stats) -> str:
             f"acceptance {s.acceptance_rate:.1%}, mean accepted {s.mean_accepted_length:.2f}/cycle, "
             f"{s.n_cycles} cycles + {s.n_target_steps} target steps"
         )
-    parts.append(f"time: draft {s.t_draft:.2f}s, target {s.t_target:.2f}s, python {s.t_overhead:.2f}s")
+    if s.n_generated:
+        parts.append(f"{s.model_calls_per_token:.2f} model calls/token")
+    times = ", ".join(f"{name} {t:.2f}s" for name, t in s.t_models.items())
+    parts.append(f"time: {times + ', ' if times else ''}python {s.t_overhead:.2f}s")
     return " | ".join(parts)
 
 
@@ -120,10 +132,10 @@ def cli():
 @click.option("--system", default=None, help="System message.")
 @click.option("--color/--no-color", default=None, help="Colour draft-accepted tokens (default: on a terminal).")
 @_handle_errors
-def chat(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose, system, color, **kwargs):
+def chat(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose, system, color, **kwargs):
     """Interactive chat (reads messages from stdin when piped). Commands: /stats /reset /exit."""
     config = build_config(GenerationConfig(), kwargs)
-    pair = open_pair(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose, need_draft=config.mode != "target")
+    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose, need_draft=config.mode != "target")
     if pair.draft is None:
         config = config.with_(mode="target")
     session = pair.chat(system)
@@ -162,7 +174,7 @@ def chat(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose, syste
                     if not text:
                         continue
                     started = True
-                    if color and event.source != "target":
+                    if color and event.proposed:
                         text = DIM_GREEN + text + RESET
                     sys.stdout.write(text)
                     sys.stdout.flush()
@@ -181,14 +193,14 @@ def chat(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose, syste
 @generation_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object with the text and stats.")
 @_handle_errors
-def generate(prompt, prompt_file, draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose, as_json, **kwargs):
+def generate(prompt, prompt_file, draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose, as_json, **kwargs):
     """Complete PROMPT. Prints only the completion on stdout; statistics go to stderr."""
     if prompt_file is not None:
         prompt = prompt_file.read()
     if not prompt:
         raise click.UsageError("give a PROMPT or --prompt-file")
     config = build_config(GenerationConfig(), kwargs)
-    pair = open_pair(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose, need_draft=config.mode != "target")
+    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose, need_draft=config.mode != "target")
     if pair.draft is None:
         config = config.with_(mode="target")
     try:
@@ -216,9 +228,9 @@ def generate(prompt, prompt_file, draft, target, target_ngl, draft_ngl, ctx_size
 @cli.command()
 @model_options
 @_handle_errors
-def info(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose):
+def info(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose):
     """Report on a pair: vocabularies, token map, sizes, chat template."""
-    pair = open_pair(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose, need_draft=False)
+    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose, need_draft=False)
     for role, model in (("target", pair.target), ("draft", pair.draft)):
         if model is None:
             continue
@@ -258,43 +270,80 @@ def make_draft_cmd(source, output, vocab_size, corpus, drop_layers):
     )
 
 
+def _mode_list(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise click.UsageError(f"unknown mode(s) {', '.join(unknown)}; known: {', '.join(MODES)}")
+    return modes
+
+
+def _problem_prompts(family: str, n: int, start: int):
+    from cospec_local.testworld.tasks import FAMILIES, problems
+
+    if family not in FAMILIES:
+        raise click.UsageError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    return problems(family, "eval", n, start)
+
+
+BENCH_DEFAULTS = {"temperature": 0.0, "max_tokens": 128}
+
+
 @cli.command()
 @model_options
-@click.option("--max-tokens", default=128, show_default=True, help="Tokens generated per prompt.")
-@click.option("--repeats", default=3, show_default=True, help="Repetitions (each runs every prompt in both modes).")
-@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy (the default benchmark).")
-@click.option("-k", "--draft-max", default=8, show_default=True, help="Maximum draft length for the adaptive run.")
-@click.option("--draft-p-min", default=GenerationConfig.draft_p_min, show_default=True, help="Draft confidence threshold.")
-@click.option("--sweep-k", default="", help="Also run fixed draft lengths, e.g. 1,2,4,8.")
+@generation_options(exclude=("mode",), defaults=BENCH_DEFAULTS)
+@click.option("--modes", default="spec", show_default=True, help="Comma-separated modes to measure against the baseline.")
+@click.option("--baseline", default="target", show_default=True, type=click.Choice(MODES), help="Mode the speedups are measured against (collab for the CoS modes).")
+@click.option("--repeats", default=3, show_default=True, help="Repetitions (each runs every prompt in every mode).")
+@click.option("--sweep-k", default="", help="Also run spec with fixed draft lengths, e.g. 1,2,4,6.")
+@click.option("--family", default=None, help="Prompts: held-out problems of a test-world task family (add, count) instead of the default English prompts.")
+@click.option("--num-prompts", default=6, show_default=True, help="Problems taken with --family.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Save the report as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Save a PNG: speedup vs k, accepted-length histogram.")
 @_handle_errors
-def bench(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose, max_tokens, repeats, temperature, draft_max, draft_p_min, sweep_k, out_path, plot_path):
-    """Target-only vs speculative tokens/s, interleaved, with the formula's prediction."""
-    from cospec_local.bench import plot_report, run_bench
+def bench(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose, modes, baseline, repeats, sweep_k,
+          family, num_prompts, out_path, plot_path, **kwargs):
+    """Modes against a baseline (tokens/s and model calls per token), interleaved, with the formula's prediction."""
+    from cospec_local.bench import BENCH_PROMPTS, plot_report, run_bench
+    from cospec_local.evaluate import DEFAULT_STOP
 
-    pair = open_pair(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose)
-    ks = [int(x) for x in sweep_k.split(",") if x.strip()]
-    config = GenerationConfig(temperature=temperature, draft_max=draft_max, draft_p_min=draft_p_min)
-    report = run_bench(pair, max_tokens=max_tokens, repeats=repeats, config=config, sweep_k=ks)
-    report["draft"], report["target"] = str(pair.draft.path), str(pair.target.path)
+    mode_list = _mode_list(modes)
+    config = build_config(GenerationConfig(**BENCH_DEFAULTS), kwargs)
+    prompts = BENCH_PROMPTS
+    if family:
+        prompts = [p.prompt for p in _problem_prompts(family, num_prompts, 10_000)]  # disjoint from eval's first 10k
+        config = config.with_(stop=tuple(config.stop) + DEFAULT_STOP)
+    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose)
+    try:
+        ks = [int(x) for x in sweep_k.split(",") if x.strip()]
+        report = run_bench(pair, prompts, config.max_tokens, repeats, config, ks, modes=mode_list, baseline=baseline)
+    finally:
+        pair.close()
+    report["models"] = [str(slot.model.path) for slot in pair.engine.slots]
     c = report["costs"]
-    click.echo(f"cost: target call {c['target_call_ms']:.2f} ms, draft call {c['draft_call_ms']:.2f} ms, c = {c['c']:.3f}")
+    others = ", ".join(f"{name} call {ms:.2f} ms" for name, ms in c["call_ms"].items())
+    click.echo(f"cost: target call {c['target_call_ms']:.2f} ms{', ' + others if others else ''}"
+               + (f", c = {c['c']:.3f}" if "c" in c else ""))
     click.echo("verify call by logit rows (ms): " + ", ".join(f"{n}: {v:.1f}" for n, v in c["verify_ms_by_rows"].items()))
-    click.echo(f"target-only: {report['modes']['target']['tok_s_median']:.1f} tok/s (median of {repeats})")
+    b = report["modes"][baseline]
+    click.echo(f"{baseline}: {b['tok_s_median']:.1f} tok/s (median of {repeats}), {b['calls_per_token']:.2f} model calls/token")
     for name, m in report["modes"].items():
-        if name == "target":
+        if name == baseline:
             continue
-        click.echo(
-            f"{name}: {m['tok_s_median']:.1f} tok/s, speedup {m['speedup_median']:.2f}x "
-            f"(formula {m['predicted_speedup']:.2f}x from alpha {m['alpha']:.3f}, mean k {m['mean_draft_length']:.2f}, c {c['c']:.3f}: "
-            f"{m['achieved_over_predicted']:.0%} of it; with the measured verification cost "
-            f"{m['predicted_speedup_with_verify_cost']:.2f}x: {m['achieved_over_predicted_with_verify_cost']:.0%} of it; "
-            f"ceiling with a cost-free draft {m['ceiling_free_draft']:.2f}x), "
-            f"acceptance {m['acceptance_rate']:.1%}, "
-            f"mean accepted {m['mean_accepted_length']:.2f}, python overhead {m['python_overhead_share']:.1%}"
-            + ("" if m["greedy_output_identical_to_target"] in (None, True) else "  OUTPUT DIFFERS FROM TARGET")
-        )
+        line = (f"{name}: {m['tok_s_median']:.1f} tok/s, speedup {m['speedup_median']:.2f}x in wall time, "
+                f"{m['calls_speedup']:.2f}x in model calls ({m['calls_per_token']:.2f}/token); "
+                f"acceptance {m['acceptance_rate']:.1%} (alpha {m['alpha']:.3f}, mean proposal {m['mean_draft_length']:.2f}, "
+                f"mean accepted {m['mean_accepted_length']:.2f})")
+        if m["predicted_speedup"]:
+            line += f"; formula {m['predicted_speedup']:.2f}x ({m['achieved_over_predicted']:.0%} of it)"
+        if "predicted_speedup_with_verify_cost" in m:
+            line += (f"; with the measured verification cost {m['predicted_speedup_with_verify_cost']:.2f}x "
+                     f"({m['achieved_over_predicted_with_verify_cost']:.0%} of it); ceiling with a cost-free draft "
+                     f"{m['ceiling_free_draft']:.2f}x")
+        line += f"; python overhead {m['python_overhead_share']:.1%}"
+        if m[f"greedy_output_identical_to_{baseline}"] is False:
+            line += f"  OUTPUT DIFFERS FROM {baseline.upper()}"
+        click.echo(line)
     if out_path:
         with open(out_path, "w") as f:
             json.dump(report, f, indent=1)
@@ -302,37 +351,39 @@ def bench(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose, max_
     if plot_path:
         plot_report(report, plot_path)
         click.echo(f"saved {plot_path}")
-    pair.close()
+
+
+EVAL_DEFAULTS = {"temperature": 0.0, "max_tokens": 160}
 
 
 @cli.command("eval")
 @model_options
+@generation_options(exclude=("mode",), defaults=EVAL_DEFAULTS)
 @click.option("--family", default=None, help="Built-in task family (add, count).")
 @click.option("--tasks", "tasks_path", type=click.Path(exists=True, dir_okay=False), help='JSONL file of {"prompt", "answer"} lines.')
 @click.option("-n", "--num-problems", default=100, show_default=True, help="Problems to run (held-out split for families).")
 @click.option("--start", default=0, show_default=True, help="Index of the first held-out problem.")
 @click.option("--modes", default="target,draft,spec", show_default=True, help="Comma-separated decoding modes to compare.")
-@click.option("--max-tokens", default=160, show_default=True)
-@click.option("--temperature", default=0.0, show_default=True)
-@click.option("-k", "--draft-max", default=8, show_default=True)
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Save the report as JSON.")
 @_handle_errors
-def eval_cmd(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose, family, tasks_path, num_problems, start, modes, max_tokens, temperature, draft_max, out_path):
-    """Accuracy (95% CI), tokens/s and acceptance of decoding modes on checkable problems."""
+def eval_cmd(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose, family, tasks_path, num_problems,
+             start, modes, out_path, **kwargs):
+    """Accuracy (95% CI), tokens/s, model calls and acceptance of decoding modes on checkable problems."""
     from cospec_local.evaluate import DEFAULT_STOP, evaluate, format_table
-    from cospec_local.testworld.tasks import FAMILIES, load_jsonl_tasks, problems
+    from cospec_local.testworld.tasks import load_jsonl_tasks
 
     if (family is None) == (tasks_path is None):
         raise click.UsageError("give exactly one of --family or --tasks")
-    if family is not None and family not in FAMILIES:
-        raise click.UsageError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
-    probs = problems(family, "eval", num_problems, start) if family else load_jsonl_tasks(tasks_path)[start : start + num_problems]
+    probs = _problem_prompts(family, num_problems, start) if family else load_jsonl_tasks(tasks_path)[start : start + num_problems]
     if not probs:
         raise click.UsageError("no problems to run")
-    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
-    pair = open_pair(draft, target, target_ngl, draft_ngl, ctx_size, threads, verbose, need_draft=mode_list != ["target"])
-    config = GenerationConfig(temperature=temperature, max_tokens=max_tokens, draft_max=draft_max, stop=DEFAULT_STOP)
+    mode_list = _mode_list(modes)
+    config = build_config(GenerationConfig(**EVAL_DEFAULTS, stop=DEFAULT_STOP), kwargs)
+    config = config.with_(stop=tuple(dict.fromkeys(config.stop + DEFAULT_STOP)))
+    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose, need_draft=mode_list != ["target"])
     try:
+        for mode in mode_list:
+            pair.engine.plan(config.with_(mode=mode))  # fail before the first problem
         report = evaluate(pair, probs, mode_list, config)
     finally:
         pair.close()

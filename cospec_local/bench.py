@@ -1,9 +1,14 @@
-"""`cospec-local bench`: target-only vs speculative decoding, interleaved, on a fixed prompt set.
+"""`cospec-local bench`: decoding modes against a baseline, interleaved, on a fixed prompt set.
 
-Speed claims are ratios measured in one run: each repetition runs every prompt target-only and
-speculative back to back (alternating which goes first), and we report medians over repetitions.
-Alongside the measured speedup we report the one the standard formula predicts from the measured
-acceptance alpha and cost ratio c (Leviathan et al.): (1 - a^(g+1)) / ((1 - a)(g c + 1)).
+Speed claims are ratios measured in one run: each repetition runs every prompt in every mode back
+to back (alternating the order), and we report medians over repetitions. Next to each measured
+speedup we report what the standard formula predicts from the measured acceptance alpha and cost
+ratio c, and the speedup in model calls per token (machine-independent):
+- `spec` over `target` (Leviathan et al.): (1 - a^(g+1)) / ((1 - a)(g c + 1));
+- `cos-naive` over `collab`: (1 + c)(1 - a^g) / ((1 - a)(g c + 1)) (a proposal of g draft tokens,
+  no bonus token; collab pays 1 + c per token);
+- `cos` over `collab`, two models (Alternate Proposal Framework, Fu et al. 2025):
+  (1 - a^gq)(1 + c) / ((1 - a)(1 + c gq - a^gp c)).
 """
 
 from __future__ import annotations
@@ -27,37 +32,40 @@ BENCH_PROMPTS = [
 ]
 
 
-def measure_costs(pair, repeats: int = 30, max_rows: int = 9) -> dict:
+def measure_costs(pair, repeats: int = 30, max_rows: int = 9, prompt: str = BENCH_PROMPTS[0]) -> dict:
     """Median time of a one-token call of each model after a short prefix, and the target's
     verification call time for 1..max_rows logit rows (interleaved, so drift hits both alike)."""
-    prefix = pair.tokenize(BENCH_PROMPTS[0])
-    filler = pair.tokenize(" and the people of the city were very happy with", add_bos=False)
-    draft_prefix = pair.engine._draft_ids(prefix)
+    target = pair.engine.slot("target")
+    others = [slot for slot in pair.engine.slots if slot is not target]
+    prefix = pair.tokenize(prompt)
+    filler = (prefix[1:] * (max_rows // max(len(prefix) - 1, 1) + 2))[:max_rows]
     pair.engine.reset()
-    pair.target.eval(prefix, 0)
-    pair.draft.eval(draft_prefix, 0)
-    t_target, t_draft = [], []
+    for slot in pair.engine.slots:
+        slot.model.eval(slot.to_model(prefix), 0)
     t_rows = {n: [] for n in range(1, max_rows + 1)}
+    t_others = {slot.name: [] for slot in others}
     for _ in range(repeats):
         for n in t_rows:
             t0 = time.perf_counter()
-            pair.target.eval(filler[:n], n)
+            target.model.eval(filler[:n], n)
             t_rows[n].append(time.perf_counter() - t0)
-            pair.target.rollback(len(prefix))
-        t0 = time.perf_counter()
-        pair.draft.eval(pair.engine._draft_ids(filler[:1]), 1)
-        t_draft.append(time.perf_counter() - t0)
-        pair.draft.rollback(len(prefix))
-        t_target.append(t_rows[1][-1])
+            target.model.rollback(len(prefix))
+        for slot in others:
+            t0 = time.perf_counter()
+            slot.model.eval(slot.to_model(filler[:1]), 1)
+            t_others[slot.name].append(time.perf_counter() - t0)
+            slot.model.rollback(len(prefix))
     pair.engine.reset()
-    target_ms = statistics.median(t_target) * 1e3
-    draft_ms = statistics.median(t_draft) * 1e3
-    return {
+    target_ms = statistics.median(t_rows[1]) * 1e3
+    costs = {
         "target_call_ms": target_ms,
-        "draft_call_ms": draft_ms,
-        "c": draft_ms / target_ms,
+        "call_ms": {name: statistics.median(v) * 1e3 for name, v in t_others.items()},
         "verify_ms_by_rows": {n: statistics.median(v) * 1e3 for n, v in t_rows.items()},
     }
+    if "draft" in costs["call_ms"]:
+        costs["draft_call_ms"] = costs["call_ms"]["draft"]
+        costs["c"] = costs["draft_call_ms"] / target_ms
+    return costs
 
 
 def predicted_speedup(alpha: float, gamma: float, c: float) -> float:
@@ -83,9 +91,25 @@ def verify_ratio(costs: dict, n_rows: float) -> float:
     return float(np.interp(n_rows, rows, ms)) / costs["target_call_ms"]
 
 
+def predicted_cos_naive_speedup(alpha: float, gamma: float, c: float) -> float:
+    """Naive CoS over collaborative decoding: g draft calls and one target call per cycle give
+    (1 - a^g) / (1 - a) tokens (no bonus); collab pays 1 + c per token."""
+    tokens = gamma if alpha >= 1.0 else (1 - alpha**gamma) / (1 - alpha)
+    return (1 + c) * tokens / (gamma * c + 1)
+
+
+def predicted_apf_speedup(alpha: float, gamma_q: int, gamma_p: int, c: float) -> float:
+    """CoS with the Alternate Proposal Framework over collaborative decoding (two models, the
+    paper's formula): (1 - a^gq)(1 + c) / ((1 - a)(1 + c gq - a^gp c))."""
+    if alpha >= 1.0:
+        return gamma_q * (1 + c) / (1 + c * gamma_q - c)
+    return (1 - alpha**gamma_q) * (1 + c) / ((1 - alpha) * (1 + c * gamma_q - alpha**gamma_p * c))
+
+
 def _run(pair, config: GenerationConfig, prompts, max_tokens: int) -> dict:
     """Run every prompt once from a cold cache; sum the counts and times."""
-    out = {"tokens": 0, "t_decode": 0.0, "t_overhead": 0.0, "target_steps": 0, "accepted": [], "drafted": [], "outputs": []}
+    out = {"tokens": 0, "t_decode": 0.0, "t_overhead": 0.0, "target_steps": 0, "calls": 0,
+           "accepted": [], "drafted": [], "outputs": []}
     for prompt in prompts:
         pair.engine.reset()  # every run starts cold: no KV reuse between modes
         r = pair.generate(prompt, config, max_tokens=max_tokens)
@@ -94,6 +118,7 @@ def _run(pair, config: GenerationConfig, prompts, max_tokens: int) -> dict:
         out["t_decode"] += s.t_decode
         out["t_overhead"] += s.t_overhead
         out["target_steps"] += s.n_target_steps
+        out["calls"] += s.total_model_calls
         out["accepted"] += s.accepted_lengths
         out["drafted"] += s.draft_lengths
         out["outputs"].append(r.tokens)
@@ -108,40 +133,59 @@ def run_bench(
     config: GenerationConfig | None = None,
     sweep_k: list[int] | None = None,
     progress: bool = True,
+    modes: list[str] | None = None,
+    baseline: str = "target",
 ) -> dict:
-    """Interleaved target-only vs speculative runs; returns a JSON-ready report."""
+    """Interleaved runs of `modes` (default: spec, plus fixed-k spec for `sweep_k`) and the
+    `baseline` mode; returns a JSON-ready report with speedups over the baseline."""
     from tqdm import tqdm
 
     base = config or GenerationConfig(temperature=0.0)
-    spec_configs = {"spec": replace(base, mode="spec")}
+    configs = {name: replace(base, mode=name) for name in (modes or ["spec"])}
     for k in sweep_k or []:
-        spec_configs[f"spec_k{k}"] = replace(base, mode="spec", draft_max=k, adaptive=False)
-    target_config = replace(base, mode="target")
+        configs[f"spec_k{k}"] = replace(base, mode="spec", draft_max=k, adaptive=False)
+    configs[baseline] = replace(base, mode=baseline)
+    for cfg in configs.values():
+        pair.engine.plan(cfg)  # a mode these models cannot run fails now, not after minutes
 
-    costs = measure_costs(pair)
-    runs = {name: [] for name in ["target", *spec_configs]}
-    # Each mode keeps its own draft-length policy: fixed-k runs must not teach the adaptive one.
-    policies = {name: None for name in runs}
+    costs = measure_costs(pair, prompt=prompts[0])
+    runs = {name: [] for name in configs}
+    # Each mode keeps its own conversation (and draft-length policy): fixed-k runs must not teach
+    # the adaptive one.
+    conversations = {name: pair.engine.new_conversation() for name in configs}
+    default_conversation = pair.conversation
     bar = tqdm(total=repeats * len(runs), desc="bench", disable=not progress)
-    for rep in range(repeats):
-        order = ["target", *spec_configs] if rep % 2 == 0 else [*spec_configs, "target"]
-        for name in order:
-            cfg = target_config if name == "target" else spec_configs[name]
-            pair.engine.policy = policies[name]
-            runs[name].append(_run(pair, cfg, prompts, max_tokens))
-            policies[name] = pair.engine.policy
-            bar.update(1)
-    bar.close()
+    try:
+        for rep in range(repeats):
+            order = list(configs) if rep % 2 == 0 else list(reversed(configs))
+            for name in order:
+                pair.conversation = conversations[name]
+                runs[name].append(_run(pair, configs[name], prompts, max_tokens))
+                bar.update(1)
+    finally:
+        pair.conversation = default_conversation
+        bar.close()
 
     def tok_s(t):
         return t["tokens"] / t["t_decode"]
 
-    report = {"costs": costs, "prompts": len(prompts), "max_tokens": max_tokens, "repeats": repeats, "modes": {}}
-    target_speeds = [tok_s(t) for t in runs["target"]]
-    report["modes"]["target"] = {"tok_s_median": statistics.median(target_speeds), "tok_s": target_speeds}
-    for name in spec_configs:
+    def calls_per_token(t):
+        return t["calls"] / t["tokens"] if t["tokens"] else 0.0
+
+    report = {"costs": costs, "prompts": len(prompts), "max_tokens": max_tokens, "repeats": repeats,
+              "baseline": baseline, "temperature": base.temperature, "modes": {}}
+    base_runs = runs[baseline]
+    report["modes"][baseline] = {
+        "tok_s_median": statistics.median(tok_s(t) for t in base_runs),
+        "tok_s": [tok_s(t) for t in base_runs],
+        "calls_per_token": statistics.median(calls_per_token(t) for t in base_runs),
+    }
+    c = costs.get("c", 0.0)
+    for name, cfg in configs.items():
+        if name == baseline:
+            continue
         speeds = [tok_s(t) for t in runs[name]]
-        ratios = [tok_s(s) / tok_s(t) for s, t in zip(runs[name], runs["target"])]
+        ratios = [tok_s(s) / tok_s(t) for s, t in zip(runs[name], base_runs)]
         accepted = [n for t in runs[name] for n in t["accepted"]]
         drafted = [n for t in runs[name] for n in t["drafted"]]
         cycles = len(drafted)
@@ -151,12 +195,15 @@ def run_bench(
         alpha = sum(accepted) / (sum(accepted) + rejections) if cycles else 0.0
         gamma = sum(drafted) / cycles if cycles else 0.0
         t_decode = sum(t["t_decode"] for t in runs[name])
-        same = all(a["outputs"] == b["outputs"] for a, b in zip(runs[name], runs["target"]))
-        report["modes"][name] = {
+        same = all(a["outputs"] == b["outputs"] for a, b in zip(runs[name], base_runs))
+        cpt = statistics.median(calls_per_token(t) for t in runs[name])
+        m = report["modes"][name] = {
             "tok_s_median": statistics.median(speeds),
             "tok_s": speeds,
             "speedup_median": statistics.median(ratios),
             "speedups": ratios,
+            "calls_per_token": cpt,
+            "calls_speedup": report["modes"][baseline]["calls_per_token"] / cpt if cpt else 0.0,
             "acceptance_rate": sum(accepted) / sum(drafted) if cycles else 0.0,
             "alpha": alpha,
             "mean_draft_length": gamma,
@@ -164,21 +211,26 @@ def run_bench(
             "target_steps": sum(t["target_steps"] for t in runs[name]),
             "cycles": cycles,
             "python_overhead_share": sum(t["t_overhead"] for t in runs[name]) / t_decode if t_decode else 0.0,
-            "predicted_speedup": predicted_speedup(alpha, gamma, costs["c"]) if cycles else 1.0,
             "accepted_length_histogram": np.bincount(accepted).tolist() if accepted else [],
-            "greedy_output_identical_to_target": same if base.temperature == 0 else None,
+            f"greedy_output_identical_to_{baseline}": same if base.temperature == 0 else None,
         }
-        m = report["modes"][name]
-        m["achieved_over_predicted"] = m["speedup_median"] / m["predicted_speedup"]
-        m["predicted_speedup_with_verify_cost"] = (
-            predicted_speedup_with_verify_cost(alpha, gamma, costs["c"], verify_ratio(costs, gamma + 1)) if cycles else 1.0
-        )
-        m["achieved_over_predicted_with_verify_cost"] = m["speedup_median"] / m["predicted_speedup_with_verify_cost"]
-        # What a draft that costs nothing (c = 0) with the same acceptance would reach: the ceiling
-        # that the target's verification cost alone sets on this machine.
-        m["ceiling_free_draft"] = (
-            predicted_speedup_with_verify_cost(alpha, gamma, 0.0, verify_ratio(costs, gamma + 1)) if cycles else 1.0
-        )
+        predicted = None
+        if cfg.mode == "spec" and baseline == "target" and cycles:
+            predicted = predicted_speedup(alpha, gamma, c)
+            m["predicted_speedup_with_verify_cost"] = predicted_speedup_with_verify_cost(
+                alpha, gamma, c, verify_ratio(costs, gamma + 1))
+            m["achieved_over_predicted_with_verify_cost"] = m["speedup_median"] / m["predicted_speedup_with_verify_cost"]
+            # What a draft that costs nothing (c = 0) with the same acceptance would reach: the
+            # ceiling that the target's verification cost alone sets on this machine.
+            m["ceiling_free_draft"] = predicted_speedup_with_verify_cost(alpha, gamma, 0.0, verify_ratio(costs, gamma + 1))
+        elif baseline == "collab" and len(pair.engine.slots) == 2 and cycles:
+            gammas = pair.engine.plan(cfg).gammas
+            if cfg.mode == "cos-naive":
+                predicted = predicted_cos_naive_speedup(alpha, gammas[0], c)
+            elif cfg.mode == "cos":
+                predicted = predicted_apf_speedup(alpha, gammas[0], gammas[1], c)
+        m["predicted_speedup"] = predicted
+        m["achieved_over_predicted"] = m["speedup_median"] / predicted if predicted else None
     return report
 
 
@@ -196,12 +248,13 @@ def plot_report(report: dict, path: str) -> None:
     if ks:
         ax1.plot(ks, [report["modes"][f"spec_k{k}"]["speedup_median"] for k in ks], "o-", label="measured")
         ax1.plot(ks, [report["modes"][f"spec_k{k}"]["predicted_speedup"] for k in ks], "x--", label="formula")
-    ax1.axhline(report["modes"]["spec"]["speedup_median"], color="gray", ls=":", label="adaptive k")
+    if "spec" in report["modes"]:
+        ax1.axhline(report["modes"]["spec"]["speedup_median"], color="gray", ls=":", label="adaptive k")
     ax1.axhline(1.0, color="black", lw=0.5)
     ax1.set_xlabel("draft length k")
     ax1.set_ylabel("speedup over target-only")
     ax1.legend()
-    hist = report["modes"]["spec"]["accepted_length_histogram"]
+    hist = report["modes"].get("spec", {}).get("accepted_length_histogram", [])
     ax2.bar(range(len(hist)), hist)
     ax2.set_xlabel("draft tokens accepted per cycle (adaptive k)")
     ax2.set_ylabel("cycles")

@@ -40,6 +40,7 @@ class ModeResult:
     drafted: int = 0
     accepted: int = 0
     cycles: int = 0
+    model_calls: int = 0
     per_problem: list[bool] = field(default_factory=list)
 
     @property
@@ -57,6 +58,7 @@ class ModeResult:
             "tokens_per_second": self.tokens / self.t_decode if self.t_decode else 0.0,
             "acceptance_rate": self.accepted / self.drafted if self.drafted else None,
             "mean_accepted_length": self.accepted / self.cycles if self.cycles else None,
+            "model_calls_per_token": self.model_calls / self.tokens if self.tokens else 0.0,
             "tokens": self.tokens,
             "per_problem": list(self.per_problem),
         }
@@ -89,17 +91,19 @@ def evaluate(
             m.drafted += r.stats.n_drafted
             m.accepted += r.stats.n_accepted
             m.cycles += r.stats.n_cycles
+            m.model_calls += r.stats.total_model_calls
     return {"modes": [results[m].as_dict() for m in modes], "n_problems": len(problems)}
 
 
 def format_table(report: dict) -> str:
     """A plain-text table of an `evaluate` report."""
-    lines = [f"{'mode':<10} {'accuracy':>9} {'95% CI':>15} {'tok/s':>9} {'accept':>8} {'acc.len':>8}"]
+    lines = [f"{'mode':<10} {'accuracy':>9} {'95% CI':>15} {'tok/s':>9} {'calls/tok':>9} {'accept':>8} {'acc.len':>8}"]
     for m in report["modes"]:
         lo, hi = m["ci95"]
         acc = f"{m['acceptance_rate']:.1%}" if m["acceptance_rate"] is not None else "-"
         alen = f"{m['mean_accepted_length']:.2f}" if m["mean_accepted_length"] is not None else "-"
         lines.append(
-            f"{m['mode']:<10} {m['accuracy']:>9.1%} {f'[{lo:.1%}, {hi:.1%}]':>15} {m['tokens_per_second']:>9.1f} {acc:>8} {alen:>8}"
+            f"{m['mode']:<10} {m['accuracy']:>9.1%} {f'[{lo:.1%}, {hi:.1%}]':>15} {m['tokens_per_second']:>9.1f} "
+            f"{m['model_calls_per_token']:>9.2f} {acc:>8} {alen:>8}"
         )
     return "\n".join(lines)

@@ -291,27 +291,31 @@ def test_interrupting_a_chat_reply_keeps_the_session_usable(tiny_target, tiny_ot
 
 
 class RecordingGreedyVerifier:
-    """Greedy verification that also asks for, and keeps, the draft's probability rows."""
-
-    needs_draft_probs = True
+    """Greedy verification that also reads, and records, every slot's rows in the bundle."""
 
     def __init__(self):
         self.seen = []  # (draft token, its probability, the row's top probability, row total)
+        self.target_argmax_matches = []  # the target's raw logits row gives the greedy choice
 
-    def verify(self, draft_tokens, draft_rows, target_logits, rng):
-        from cospec_local.verify import verify_greedy
+    def verify(self, bundle, rng):
+        from cospec_local.verify import GreedyVerifier
 
-        for token, row in zip(draft_tokens, draft_rows):
+        draft, target = bundle.slots[0], bundle.slots[1]
+        assert (draft.name, target.name) == ("draft", "target")
+        for j, token in enumerate(bundle.tokens):
+            row = bundle.probs(0, j)
             dense = row.draft_probs if hasattr(row, "draft_probs") else row
             self.seen.append((token, row[token], float(dense.max()), float(dense.sum())))
-        return verify_greedy(draft_tokens, target_logits)
+        for j in range(bundle.n_positions):
+            self.target_argmax_matches.append(int(np.argmax(bundle.logits(1, j))) == bundle.combined_argmax(j))
+        return GreedyVerifier().verify(bundle, rng)
 
 
 @pytest.mark.parametrize("trimmed", [False, True])
-def test_a_verifier_can_ask_for_draft_rows_in_greedy_mode(tmp_path, tiny_target, tiny_other, trimmed):
-    """The CoS/CoSpec hook: greedy mode hands the draft's softmax rows (in target ids, through the
-    token map for a trimmed draft) to a verifier that sets `needs_draft_probs`; the draft token is
-    each row's argmax. The default greedy verifier gets none, and both outputs equal target-only."""
+def test_a_verifier_reads_every_slots_rows_in_greedy_mode(tmp_path, tiny_target, tiny_other, trimmed):
+    """The CoS/CoSpec hook: in greedy mode a verifier reads the draft's distributions (its plain
+    softmax, in target ids through the token map for a trimmed draft; the draft token is each
+    row's argmax) and the target's raw logits at every position; output equals target-only."""
     from cospec_local.draft_maker import make_draft
 
     draft = tiny_other
@@ -330,17 +334,4 @@ def test_a_verifier_can_ask_for_draft_rows_in_greedy_mode(tmp_path, tiny_target,
         for token, token_prob, top_prob, total in recorder.seen:
             assert token_prob == top_prob > 0.0
             assert total == pytest.approx(1.0)
-
-        class NoRows:
-            needs_draft_probs = False
-
-            def verify(self, draft_tokens, draft_rows, target_logits, rng):
-                from cospec_local.verify import verify_greedy
-
-                assert draft_rows == [None] * len(draft_tokens)
-                return verify_greedy(draft_tokens, target_logits)
-
-        plain = pair.generate(
-            PROMPTS[0], verifier=NoRows(), temperature=0, draft_max=4, adaptive=False, draft_p_min=0.0, max_tokens=30
-        )
-        assert plain.tokens == ref.tokens
+        assert recorder.target_argmax_matches and all(recorder.target_argmax_matches)
