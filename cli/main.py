@@ -338,8 +338,9 @@ def bench(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbo
             line += f"; formula {m['predicted_speedup']:.2f}x ({m['achieved_over_predicted']:.0%} of it)"
         if "predicted_speedup_with_verify_cost" in m:
             line += (f"; with the measured verification cost {m['predicted_speedup_with_verify_cost']:.2f}x "
-                     f"({m['achieved_over_predicted_with_verify_cost']:.0%} of it); ceiling with a cost-free draft "
-                     f"{m['ceiling_free_draft']:.2f}x")
+                     f"({m['achieved_over_predicted_with_verify_cost']:.0%} of it)")
+        if "ceiling_free_draft" in m:
+            line += f"; ceiling with a cost-free draft {m['ceiling_free_draft']:.2f}x"
         line += f"; python overhead {m['python_overhead_share']:.1%}"
         if m[f"greedy_output_identical_to_{baseline}"] is False:
             line += f"  OUTPUT DIFFERS FROM {baseline.upper()}"

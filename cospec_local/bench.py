@@ -91,19 +91,21 @@ def verify_ratio(costs: dict, n_rows: float) -> float:
     return float(np.interp(n_rows, rows, ms)) / costs["target_call_ms"]
 
 
-def predicted_cos_naive_speedup(alpha: float, gamma: float, c: float) -> float:
+def predicted_cos_naive_speedup(alpha: float, gamma: float, c: float, verify_ratio: float = 1.0) -> float:
     """Naive CoS over collaborative decoding: g draft calls and one target call per cycle give
-    (1 - a^g) / (1 - a) tokens (no bonus); collab pays 1 + c per token."""
+    (1 - a^g) / (1 - a) tokens (no bonus); collab pays 1 + c per token. `verify_ratio`: the
+    target's verification call in single-call units (1 in the paper's model)."""
     tokens = gamma if alpha >= 1.0 else (1 - alpha**gamma) / (1 - alpha)
-    return (1 + c) * tokens / (gamma * c + 1)
+    return (1 + c) * tokens / (gamma * c + verify_ratio)
 
 
-def predicted_apf_speedup(alpha: float, gamma_q: int, gamma_p: int, c: float) -> float:
+def predicted_apf_speedup(alpha: float, gamma_q: int, gamma_p: int, c: float, verify_ratio: float = 1.0) -> float:
     """CoS with the Alternate Proposal Framework over collaborative decoding (two models, the
-    paper's formula): (1 - a^gq)(1 + c) / ((1 - a)(1 + c gq - a^gp c))."""
+    paper's formula): (1 - a^gq)(1 + c) / ((1 - a)(1 + c gq - a^gp c)), with the target's call
+    (the 1 in the denominator) replaced by `verify_ratio` when rows are not free."""
     if alpha >= 1.0:
-        return gamma_q * (1 + c) / (1 + c * gamma_q - c)
-    return (1 - alpha**gamma_q) * (1 + c) / ((1 - alpha) * (1 + c * gamma_q - alpha**gamma_p * c))
+        return gamma_q * (1 + c) / (verify_ratio + c * gamma_q - c)
+    return (1 - alpha**gamma_q) * (1 + c) / ((1 - alpha) * (verify_ratio + c * gamma_q - alpha**gamma_p * c))
 
 
 def _run(pair, config: GenerationConfig, prompts, max_tokens: int) -> dict:
@@ -226,9 +228,14 @@ def run_bench(
         elif baseline == "collab" and len(pair.engine.slots) == 2 and cycles:
             gammas = pair.engine.plan(cfg).gammas
             if cfg.mode == "cos-naive":
-                predicted = predicted_cos_naive_speedup(alpha, gammas[0], c)
+                predicted = predicted_cos_naive_speedup(alpha, gamma, c)
+                with_cost = predicted_cos_naive_speedup(alpha, gamma, c, verify_ratio(costs, gamma + 1))
             elif cfg.mode == "cos":
                 predicted = predicted_apf_speedup(alpha, gammas[0], gammas[1], c)
+                with_cost = predicted_apf_speedup(alpha, gammas[0], gammas[1], c, verify_ratio(costs, gammas[0] + 1))
+            if predicted is not None:
+                m["predicted_speedup_with_verify_cost"] = with_cost
+                m["achieved_over_predicted_with_verify_cost"] = m["speedup_median"] / with_cost
         m["predicted_speedup"] = predicted
         m["achieved_over_predicted"] = m["speedup_median"] / predicted if predicted else None
     return report
