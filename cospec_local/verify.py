@@ -129,9 +129,10 @@ def verify_greedy(tokens: list[int], choose: Callable[[int], int], has_bonus_row
         choice = choose(j)
         if choice != token:
             return Verdict(j, choice, CORRECTION)
+    kind = BONUS if tokens else SAMPLED
     if has_bonus_row:
-        return Verdict(len(tokens), choose(len(tokens)), BONUS)
-    return Verdict(len(tokens), None, BONUS)
+        return Verdict(len(tokens), choose(len(tokens)), kind)
+    return Verdict(len(tokens), None, kind)
 
 
 def residual(target_probs: np.ndarray, proposal_probs) -> np.ndarray:
@@ -155,9 +156,10 @@ def verify_rejection(bundle: RowBundle, rng: np.random.Generator) -> Verdict:
             continue
         return Verdict(j, sample(residual(r, q), rng), CORRECTION)
     t = len(bundle.tokens)
+    kind = BONUS if t else SAMPLED
     if bundle.has_bonus_row:
-        return Verdict(t, bundle.sample_combined(t, rng), BONUS)
-    return Verdict(t, None, BONUS)
+        return Verdict(t, bundle.sample_combined(t, rng), kind)
+    return Verdict(t, None, kind)
 
 
 class GreedyVerifier:
