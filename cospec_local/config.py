@@ -53,7 +53,7 @@ class GenerationConfig:
     mu: float = _opt(0.1, "Contrastive-decoding strength (r = softmax((l_target - mu l_draft) / T)).")
     gamma: tuple[int, ...] | None = _opt(
         None, "CoS proposal length per model (draft, target, extra models), e.g. 5,1; default: "
-        "--draft-max for the draft, 1 for the others.", items=int)
+        "--draft-max + 1 - (number of models) for the draft (room for the others' bonus tokens in a verification batch), 1 for the others.", items=int)
 
     def __post_init__(self):
         if self.mode not in MODES:

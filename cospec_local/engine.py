@@ -242,7 +242,9 @@ class Engine:
             combination: Combination = Contrastive(expert=target, amateur=1 - target, mu=config.mu)
         else:
             combination = WeightedEnsemble(members, config.weights)
-        gammas = config.gamma or tuple(config.draft_max if i == 0 else 1 for i in range(n))
+        # Default proposal lengths: the draft's leaves room in the exact-size batch for every other
+        # model's bonus token (cos), the others propose one token each (the paper's setting).
+        gammas = config.gamma or tuple(max(1, config.draft_max + 1 - n) if i == 0 else 1 for i in range(n))
         if len(gammas) != n:
             raise ValueError(f"--gamma has {len(gammas)} values for {n} models (order: draft, target, --model ...)")
         if mode == "collab":
