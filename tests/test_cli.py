@@ -1,10 +1,16 @@
 """The command line, through click's CliRunner, on tiny models."""
 
 import json
+import re
+from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from cli.main import cli
+from cospec_local import load_pair
+
+FAMILY = Path(__file__).resolve().parents[1] / "models" / "family"
 
 
 def run(*args, input=None):
@@ -14,6 +20,8 @@ def run(*args, input=None):
 
 def models(draft, target):
     return ["--draft", draft, "--target", target, "--ctx-size", 512, "--threads", 1]
+
+
 
 
 def test_generate_prints_only_the_completion(tiny_target, tiny_other):
@@ -28,27 +36,68 @@ def test_generate_prints_only_the_completion(tiny_target, tiny_other):
 
 
 def test_generate_json(tiny_target):
+    """--json prints one object whose text is what plain `generate` prints, with the stats of the
+    run (a draft identical to the target accepts every token)."""
     r = run("generate", "hello", *models(tiny_target, tiny_target), "--temperature", 0, "--max-tokens", 10, "--json", "-k", 3)
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     assert data["stats"]["n_generated"] == 10
     assert data["stats"]["acceptance_rate"] == 1.0
     assert data["finish_reason"] == "length"
+    plain = run("generate", "hello", *models(tiny_target, tiny_target), "--temperature", 0, "--max-tokens", 10, "-k", 3)
+    assert plain.exit_code == 0, plain.output
+    assert plain.stdout == data["text"] + "\n"
 
 
-def test_generate_reads_prompt_file_from_stdin(tiny_target):
-    r = run("generate", "--prompt-file", "-", *models(tiny_target, tiny_target), "--temperature", 0, "--max-tokens", 5, input="the dog")
-    assert r.exit_code == 0, r.output
-    assert len(r.stdout) > 1
+def test_generate_reads_prompt_file_from_stdin(tmp_path):
+    """A prompt read from stdin ('--prompt-file -') or from a file (trailing newline included) gives
+    exactly the completion of the same prompt passed as an argument, which is the library's greedy
+    completion of it (the shipped family's target answers an addition problem)."""
+    prompt = "Q: 12+34=?\n"
+    opts = [*models(FAMILY / "draft.gguf", FAMILY / "target.gguf"), "--temperature", 0, "--max-tokens", 40]
+    ref = run("generate", prompt, *opts)
+    assert ref.exit_code == 0, ref.output
+    with load_pair(None, FAMILY / "target.gguf", n_ctx=512, n_threads=1) as pair:
+        expected = pair.generate(prompt, temperature=0, mode="target", max_tokens=40).text
+    assert "ANSWER: 46" in expected and ref.stdout == expected + "\n"
+    piped = run("generate", "--prompt-file", "-", *opts, input=prompt)
+    assert piped.exit_code == 0, piped.output
+    assert piped.stdout == ref.stdout
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text(prompt)
+    from_file = run("generate", "--prompt-file", prompt_file, *opts)
+    assert from_file.exit_code == 0, from_file.output
+    assert from_file.stdout == ref.stdout
 
 
-def test_chat_with_piped_stdin(tiny_target, tiny_other):
-    r = run("chat", *models(tiny_other, tiny_target), "--temperature", 0, "--max-tokens", 15, "--no-color",
+def chat_replies(target, turns, max_tokens):
+    """Greedy target-only replies of a ChatSession to `turns`; None in `turns` resets the chat."""
+    with load_pair(None, target, n_ctx=512, n_threads=1) as pair:
+        chat, replies = pair.chat(), []
+        for message in turns:
+            if message is None:
+                chat.reset()
+            else:
+                replies.append(chat.say(message, temperature=0, max_tokens=max_tokens, mode="target").text)
+    return replies
+
+
+def test_chat_with_piped_stdin():
+    """Piped chat: commands go to stderr, and stdout holds exactly the three replies a ChatSession
+    gives, one per line: the second continues the first turn, the third starts afresh after /reset
+    (the shipped family's replies depend on the history, so a missed reset or a lost turn shows)."""
+    family = models(FAMILY / "draft.gguf", FAMILY / "target.gguf")
+    r = run("chat", *family, "--temperature", 0, "--max-tokens", 15, "--no-color",
             input="hello there\n/stats\nsecond question\n/reset\nthird\n")
     assert r.exit_code == 0, r.output
     assert "tok/s" in r.stderr  # /stats
     assert "(conversation reset)" in r.stderr
-    assert r.stdout.count("\n") >= 3  # three replies
+    replies = chat_replies(FAMILY / "target.gguf", ["hello there", "second question", None, "third"], 15)
+    # The CLI drops the reply's leading whitespace (the space after "Assistant:").
+    assert r.stdout == "".join(reply.lstrip() + "\n" for reply in replies)
+    # The reference itself tells a continued conversation from a fresh one.
+    assert chat_replies(FAMILY / "target.gguf", ["hello there", "second question", "third"], 15)[2] != replies[2]
+    assert chat_replies(FAMILY / "target.gguf", ["second question"], 15)[0] != replies[1]
 
 
 def test_chat_replies_match_target_only(tiny_target, tiny_other):
@@ -60,10 +109,19 @@ def test_chat_replies_match_target_only(tiny_target, tiny_other):
     assert spec.stdout == base.stdout
 
 
-def test_chat_colours_draft_tokens(tiny_target):
-    r = run("chat", *models(tiny_target, tiny_target), "--temperature", 0, "--max-tokens", 15, "--color", input="hi\n")
+def test_chat_colours_draft_tokens():
+    """--color wraps draft-accepted tokens in green and leaves the target's own tokens plain; with
+    the colour codes removed the reply is exactly the --no-color reply."""
+    family = models(FAMILY / "draft.gguf", FAMILY / "target.gguf")
+    r = run("chat", *family, "--temperature", 0, "--max-tokens", 40, "--color", input="Q: 57+68=?\n")
     assert r.exit_code == 0, r.output
     assert "\x1b[32m" in r.stdout
+    plain_runs = [part for part in re.split(r"\x1b\[32m.*?\x1b\[0m", r.stdout.strip(), flags=re.S) if part]
+    assert plain_runs, "no token came from the target: the colouring is not per source"
+    plain = run("chat", *family, "--temperature", 0, "--max-tokens", 40, "--no-color", input="Q: 57+68=?\n")
+    assert plain.exit_code == 0, plain.output
+    assert "\x1b[" not in plain.stdout
+    assert re.sub(r"\x1b\[[0-9;]*m", "", r.stdout) == plain.stdout
 
 
 def test_info_reports_the_pair(tiny_target, tiny_other):
@@ -104,6 +162,10 @@ def test_context_overflow_is_reported(tiny_target):
 
 
 def test_bench_command(tmp_path, tiny_target, tiny_other):
+    """`bench` writes its JSON report and plot; the report's predictions are the formulas applied
+    to its own measured costs and acceptance, and greedy speculative output equals the target's."""
+    from cospec_local.bench import predicted_speedup, predicted_speedup_with_verify_cost, verify_ratio
+
     out = tmp_path / "bench.json"
     png = tmp_path / "bench.png"
     r = run("bench", *models(tiny_other, tiny_target), "--max-tokens", 16, "--repeats", 1, "--sweep-k", "1,2", "--out", out, "--plot", png)
@@ -112,13 +174,28 @@ def test_bench_command(tmp_path, tiny_target, tiny_other):
     report = json.loads(out.read_text())
     assert set(report["modes"]) == {"target", "spec", "spec_k1", "spec_k2"}
     assert report["modes"]["spec_k2"]["greedy_output_identical_to_target"] is True
-    assert 0 < report["costs"]["c"]
-    for name in ("spec_k1", "spec_k2"):
+    # The report's derived numbers follow from its measurements by the documented formulas (any
+    # c >= 0 would satisfy "ceiling >= prediction > 0"; these can fail).
+    costs = report["costs"]
+    assert costs["c"] == pytest.approx(costs["draft_call_ms"] / costs["target_call_ms"], rel=1e-12)
+    assert costs["verify_ms_by_rows"]["1"] > 0 and costs["draft_call_ms"] > 0
+    for name in ("spec", "spec_k1", "spec_k2"):
         m = report["modes"][name]
-        assert m["ceiling_free_draft"] >= m["predicted_speedup_with_verify_cost"] > 0
+        alpha, gamma = m["alpha"], m["mean_draft_length"]
+        assert 0 <= alpha <= 1 and m["cycles"] > 0
+        ratio = verify_ratio(costs, gamma + 1)
+        assert m["predicted_speedup"] == pytest.approx(predicted_speedup(alpha, gamma, costs["c"]), rel=1e-9)
+        assert m["predicted_speedup_with_verify_cost"] == pytest.approx(
+            predicted_speedup_with_verify_cost(alpha, gamma, costs["c"], ratio), rel=1e-9)
+        assert m["ceiling_free_draft"] == pytest.approx(predicted_speedup_with_verify_cost(alpha, gamma, 0.0, ratio), rel=1e-9)
+        assert m["achieved_over_predicted"] == pytest.approx(m["speedup_median"] / m["predicted_speedup"], rel=1e-9)
+    # A fixed-k run never drafts more than k per cycle.
+    assert 0 < report["modes"]["spec_k1"]["mean_draft_length"] <= 1
+    assert 0 < report["modes"]["spec_k2"]["mean_draft_length"] <= 2
 
 
 def test_speedup_formulas():
+    """The speedup formulas against hand-computed values."""
     from cospec_local.bench import predicted_speedup, predicted_speedup_with_verify_cost, verify_ratio
 
     assert predicted_speedup(1.0, 4, 0.0) == 5.0  # every draft token accepted, free draft
@@ -129,6 +206,11 @@ def test_speedup_formulas():
     assert predicted_speedup_with_verify_cost(1.0, 3, 0.0, 2.0) == 2.0
     costs = {"target_call_ms": 10.0, "verify_ms_by_rows": {"1": 10.0, "3": 20.0}}
     assert verify_ratio(costs, 2) == 1.5  # interpolated between the measured row counts
+    # alpha 0.5, gamma 2: 1 + 0.5 + 0.25 = 1.75 expected tokens; c 0.1: 1.2 call-times per cycle.
+    assert predicted_speedup(0.5, 2, 0.1) == pytest.approx(1.75 / 1.2, rel=1e-12)
+    # The same cycle when verifying 3 rows costs 1.5 calls: 1.75 / (0.2 + 1.5).
+    assert predicted_speedup_with_verify_cost(0.5, 2, 0.1, 1.5) == pytest.approx(1.75 / 1.7, rel=1e-12)
+    assert verify_ratio(costs, 3) == 2.0 and verify_ratio(costs, 1) == 1.0
 
 
 def test_chat_survives_ctrl_c_during_a_reply(tiny_target, monkeypatch):

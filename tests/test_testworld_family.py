@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from cospec_local.testworld.gguf_export import CharVocab  # noqa: E402
+from cospec_local.testworld.gguf_export import EOS_ID, CharVocab  # noqa: E402
 from cospec_local.testworld.headroom import (  # noqa: E402
+    MAX_NEW_TOKENS,
     evaluate_problem,
     first_disagreement,
     greedy_continue,
@@ -48,8 +49,15 @@ def test_target_solves_some_eval_problems(family, family_name):
 
 
 def test_first_disagreement_and_swap_bookkeeping(family):
+    """evaluate_problem's verdicts, recomputed independently: target_correct and draft_correct are
+    the checker's verdicts on each model's own greedy completion, and swapped_correct is the
+    verdict on the target's greedy continuation after forcing the draft's token at the first
+    disagreement (the completion ends there when the draft's token is EOS). The first 8 "add"
+    problems include swaps that fix a wrong target answer and swaps that break a right one, so a
+    swapped_correct that merely copied target_correct would fail here."""
     vocab = CharVocab()
     target, draft = family["target"], family["draft"]
+    swaps_differing = {True: 0, False: 0}  # keyed by target_correct, when swapped_correct differs
     for problem in problems("add", "eval", 8):
         prompt_ids = vocab.encode(problem.prompt)
         target_ids = greedy_continue(target, prompt_ids)
@@ -57,10 +65,22 @@ def test_first_disagreement_and_swap_bookkeeping(family):
         draft_ids = greedy_continue(draft, prompt_ids)
         if found is None:  # the draft reproduces the target's completion exactly
             assert draft_ids == target_ids
+            swapped_ids = target_ids
         else:  # both greedy completions share the prefix up to the first disagreement
             position, draft_token = found
             assert draft_ids[:position] == target_ids[:position]
-            assert (draft_ids + [2])[position] == draft_token
+            assert (draft_ids + [EOS_ID])[position] == draft_token
+            if draft_token == EOS_ID:
+                swapped_ids = target_ids[:position]
+            else:
+                forced = target_ids[:position] + [draft_token]
+                swapped_ids = forced + greedy_continue(target, prompt_ids + forced, max_new=MAX_NEW_TOKENS - len(forced))
         outcome = evaluate_problem(problem, target, draft, vocab)
-        assert outcome.oracle_correct >= outcome.target_correct
         assert outcome.disagreement_position == (None if found is None else found[0])
+        assert outcome.target_correct == check("add", vocab.decode(target_ids), problem.answer)
+        assert outcome.draft_correct == check("add", vocab.decode(draft_ids), problem.answer)
+        assert outcome.swapped_correct == check("add", vocab.decode(swapped_ids), problem.answer)
+        assert outcome.oracle_correct == (outcome.target_correct or outcome.swapped_correct)
+        if outcome.swapped_correct != outcome.target_correct:
+            swaps_differing[outcome.target_correct] += 1
+    assert swaps_differing[True] >= 1 and swaps_differing[False] >= 1, swaps_differing
