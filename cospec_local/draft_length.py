@@ -19,7 +19,7 @@ class AdaptiveDraftLength:
       expected time per token.
     - *Draft at all?* The model can be wrong (catch-up batches, confidence stops), so we compare
       the MEASURED seconds per emitted token of drafting cycles and of plain target steps, and use
-      the faster. The slower one is re-tried now and then (probe); its interval doubles while it
+      the faster. The slower one is re-tried now and then (probe); its interval grows 4x while it
       stays slower. A probe after a long run of target steps re-feeds the draft only the last
       `CATCH_UP_WINDOW` tokens instead of everything it missed, so a useless draft costs a few
       percent at most.
@@ -53,7 +53,7 @@ class AdaptiveDraftLength:
         mean_n, mean_t = sn / s0, st / s0
         var = snn / s0 - mean_n**2
         # Until two row counts have been seen, assume each extra row costs 30% of a call.
-        slope = (snt / s0 - mean_n * mean_t) / var if var > 0.25 else 0.3 * mean_t / max(mean_n, 1)
+        slope = (snt / s0 - mean_n * mean_t) / var if var > 1e-6 else 0.3 * mean_t / max(mean_n, 1)
         return max(mean_t + max(slope, 0.0) * (n_rows - mean_n), 1e-6)
 
     def best_draft_length(self, k_max: int) -> int:

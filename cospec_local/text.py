@@ -17,12 +17,12 @@ class TextStream:
 
     def push(self, data: bytes) -> str:
         text = self._held + self._decoder.decode(data)
-        for s in self.stop:
-            i = text.find(s)
-            if i >= 0:
-                self.stopped = True
-                self._held = ""
-                return text[:i]
+        # The earliest stop string in the text ends it (one push may hold several).
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            self._held = ""
+            return text[: min(hits)]
         keep = 0
         for s in self.stop:
             for n in range(min(len(s) - 1, len(text)), 0, -1):
