@@ -9,7 +9,8 @@ For each held-out problem:
    bound for a policy that arbitrates only the first disagreement.
 
 Also measures the per-token decode cost of a model in llama.cpp (`decode_cost_ms`).
-Runs the models through `cospec_local.backend` (models here are tiny, a few ms per problem).
+Decoding goes through the engine (`Pair.generate` in target or draft mode); the draft's choices
+along the target's completion come from its slot's `score` (one batch of rows per run of tokens).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cospec_local.api import Pair, load_pair
 from cospec_local.backend import LlamaModel, LoadOptions
 from cospec_local.evaluate import wilson_interval
 from cospec_local.testworld.gguf_export import EOS_ID, CharVocab
@@ -29,37 +31,37 @@ from cospec_local.testworld.tasks import Problem, check, problems
 MAX_NEW_TOKENS = 200  # the longest reference solution is ~110 characters
 
 
-def load_model(path: str | Path, n_threads: int = 1, n_ctx: int = 512) -> LlamaModel:
-    """A test-world GGUF loaded through the package's llama.cpp backend."""
-    return LlamaModel(path, LoadOptions(n_ctx=n_ctx, n_threads=n_threads))
+def load_family_pair(target_path: str | Path, draft_path: str | Path, n_threads: int = 1, n_ctx: int = 512) -> Pair:
+    """A test-world target and draft loaded as a pair (same character vocabulary)."""
+    return load_pair(draft_path, target_path, n_ctx=n_ctx, n_threads=n_threads)
 
 
-def greedy_continue(model: LlamaModel, prefix_ids: list[int], max_new: int = MAX_NEW_TOKENS) -> list[int]:
-    """Target-style greedy decoding from a fresh context: new tokens after `prefix_ids`, EOS excluded."""
-    model.reset()
-    row = model.eval(prefix_ids, 1)[0]
-    new_ids: list[int] = []
-    for _ in range(max_new):
-        token = int(np.argmax(row))
-        if token == EOS_ID:
-            break
-        new_ids.append(token)
-        row = model.eval([token], 1)[0]
-    return new_ids
+def greedy_continue(pair: Pair, prefix_ids: list[int], max_new: int = MAX_NEW_TOKENS, mode: str = "target") -> list[int]:
+    """Greedy decoding by one model of the pair (`mode` 'target' or 'draft'): new tokens after
+    `prefix_ids`, EOS excluded."""
+    return pair.generate(prefix_ids, mode=mode, temperature=0, max_tokens=max_new).tokens
 
 
-def first_disagreement(model: LlamaModel, prompt_ids: list[int], reference_ids: list[int]) -> tuple[int, int] | None:
-    """(position, model's token) of the first place where `model`'s greedy choice differs from
+def first_disagreement(pair: Pair, prompt_ids: list[int], reference_ids: list[int], slot_name: str = "draft") -> tuple[int, int] | None:
+    """(position, model's token) of the first place where the slot's greedy choice differs from
     `reference_ids` (a completion of `prompt_ids` that ends with an implicit EOS); None if it never does."""
-    model.reset()
-    row = model.eval(prompt_ids, 1)[0]
-    for position, reference in enumerate(reference_ids + [EOS_ID]):
-        token = int(np.argmax(row))
-        if token != reference:
-            return position, token
-        if reference != EOS_ID:
-            row = model.eval([reference], 1)[0]
-    return None
+    slot = pair.engine.slot(slot_name)
+    run = reference_ids + [EOS_ID]
+    slot.prepare(prompt_ids)
+    slot.prefill(prompt_ids)
+    try:
+        step = slot.model.exact_batch  # rows come in exact-size batches
+        for start in range(0, len(run), step):
+            end = min(start + step, len(run))
+            slot.score(prompt_ids, run[: end - 1])  # rows for positions start..end-1
+            for position in range(start, end):
+                token = slot.to_shared(int(np.argmax(slot.rows[position])))
+                if token != run[position]:
+                    return position, token
+        return None
+    finally:
+        slot.clear_rows()
+        slot.rollback(len(prompt_ids))
 
 
 @dataclass
@@ -76,14 +78,14 @@ class ProblemOutcome:
         return self.target_correct or self.swapped_correct
 
 
-def evaluate_problem(problem: Problem, target, draft, vocab: CharVocab) -> ProblemOutcome:
+def evaluate_problem(problem: Problem, pair: Pair, vocab: CharVocab) -> ProblemOutcome:
     """Run target-only, draft-only and the first-disagreement swap on one problem."""
     prompt_ids = vocab.encode(problem.prompt, add_bos=True)
-    target_ids = greedy_continue(target, prompt_ids)
-    draft_ids = greedy_continue(draft, prompt_ids)
+    target_ids = greedy_continue(pair, prompt_ids)
+    draft_ids = greedy_continue(pair, prompt_ids, mode="draft")
     target_correct = check(problem.family, vocab.decode(target_ids), problem.answer)
     draft_correct = check(problem.family, vocab.decode(draft_ids), problem.answer)
-    found = first_disagreement(draft, prompt_ids, target_ids)
+    found = first_disagreement(pair, prompt_ids, target_ids)
     if found is None:
         return ProblemOutcome(target_correct, draft_correct, None, target_correct)
     position, draft_token = found
@@ -91,8 +93,7 @@ def evaluate_problem(problem: Problem, target, draft, vocab: CharVocab) -> Probl
         swapped_ids = target_ids[:position]
     else:
         forced = target_ids[:position] + [draft_token]
-        swapped_ids = forced + greedy_continue(target, prompt_ids + forced,
-                                               max_new=MAX_NEW_TOKENS - len(forced))
+        swapped_ids = forced + greedy_continue(pair, prompt_ids + forced, max_new=MAX_NEW_TOKENS - len(forced))
     swapped_correct = check(problem.family, vocab.decode(swapped_ids), problem.answer)
     return ProblemOutcome(target_correct, draft_correct, position, swapped_correct)
 
@@ -121,13 +122,14 @@ def measure_headroom(target_path: str | Path, draft_path: str | Path, family: st
                      start: int = 0, n_threads: int = 1, progress: bool = False) -> HeadroomReport:
     """Target-only, draft-only and oracle-arbiter accuracy on eval problems `start..start+n-1`."""
     vocab = CharVocab()
-    target, draft = load_model(target_path, n_threads), load_model(draft_path, n_threads)
+    pair = load_family_pair(target_path, draft_path, n_threads)
     items = problems(family, "eval", n, start=start)
     if progress:
         from tqdm import tqdm
 
         items = tqdm(items, desc=f"headroom {family}")
-    outcomes = [evaluate_problem(problem, target, draft, vocab) for problem in items]
+    with pair:
+        outcomes = [evaluate_problem(problem, pair, vocab) for problem in items]
     target_hits = sum(o.target_correct for o in outcomes)
     oracle_hits = sum(o.oracle_correct for o in outcomes)
     return HeadroomReport(
@@ -147,7 +149,7 @@ def measure_headroom(target_path: str | Path, draft_path: str | Path, family: st
 def decode_cost_ms(path: str | Path, n_threads: int = 2, n_steps: int = 200, repeats: int = 5) -> float:
     """Median over `repeats` of the mean time (ms) of one single-token decode with last-row
     logits, after a 20-token prompt."""
-    model = load_model(path, n_threads=n_threads)
+    model = LlamaModel(path, LoadOptions(n_ctx=512, n_threads=n_threads))
     prompt = CharVocab().encode("Q: 4571+3689=?\n1+9+")
     means = []
     for _ in range(repeats):
