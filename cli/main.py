@@ -296,8 +296,8 @@ BENCH_DEFAULTS = {"temperature": 0.0, "max_tokens": 128}
 @click.option("--baseline", default="target", show_default=True, type=click.Choice(MODES), help="Mode the speedups are measured against (collab for the CoS modes).")
 @click.option("--repeats", default=3, show_default=True, help="Repetitions (each runs every prompt in every mode).")
 @click.option("--sweep-k", default="", help="Also run spec with fixed draft lengths, e.g. 1,2,4,6.")
-@click.option("--family", default=None, help="Prompts: held-out problems of a test-world task family (add, count) instead of the default English prompts.")
-@click.option("--num-prompts", default=6, show_default=True, help="Problems taken with --family.")
+@click.option("--family", default=None, help="Prompts: held-out problems of test-world task families (add, count, or add,count) instead of the default English prompts.")
+@click.option("--num-prompts", default=6, show_default=True, help="Problems taken from each --family.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Save the report as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Save a PNG: speedup vs k, accepted-length histogram.")
 @_handle_errors
@@ -311,7 +311,8 @@ def bench(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbo
     config = build_config(GenerationConfig(**BENCH_DEFAULTS), kwargs)
     prompts = BENCH_PROMPTS
     if family:
-        prompts = [p.prompt for p in _problem_prompts(family, num_prompts, 10_000)]  # disjoint from eval's first 10k
+        # Held-out problems past the first 10k (eval's range), num_prompts of each listed family.
+        prompts = [p.prompt for name in family.split(",") for p in _problem_prompts(name.strip(), num_prompts, 10_000)]
         config = config.with_(stop=tuple(config.stop) + DEFAULT_STOP)
     pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose)
     try:

@@ -46,6 +46,13 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """The plain (temperature 1, unfiltered) float64 distribution of a row of logits."""
+    e = np.exp(logits - logits.max(), dtype=np.float64)
+    e /= e.sum()
+    return e
+
+
 def candidates(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     """Ids that survive top-k, top-p and min-p (computed at temperature 1, like llama.cpp)."""
     n = logits.shape[-1]

@@ -26,7 +26,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from .sampling import SamplingParams, logits_to_probs, sample
+from .sampling import SamplingParams, logits_to_probs, sample, softmax
 
 # How an emitted token was produced (its provenance); the slot that produced it travels alongside.
 ACCEPTED = "accepted"  # a proposed token the verifier accepted
@@ -36,8 +36,6 @@ SAMPLED = "sampled"  # drawn from r with nothing proposed (target-only, draft-on
 ARBITRATED = "arbitrated"  # a mismatching proposed token a verifier chose to keep (CoSpec)
 PROPOSED_KINDS = (ACCEPTED, ARBITRATED)  # tokens a proposer wrote
 
-# The distribution a greedy proposer is credited with: its plain softmax.
-PLAIN_SOFTMAX = SamplingParams(temperature=1.0)
 
 
 class RowBundle:
@@ -73,8 +71,7 @@ class RowBundle:
         slot = self.slots[i]
         row = slot.probs[j]
         if row is None:
-            params = PLAIN_SOFTMAX if self.params.greedy else self.params
-            row = logits_to_probs(slot.rows[j], params)
+            row = softmax(slot.rows[j]) if self.params.greedy else logits_to_probs(slot.rows[j], self.params)
             if slot.token_map is not None:
                 row = slot.token_map.row(row)
             slot.probs[j] = row
