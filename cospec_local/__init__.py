@@ -7,6 +7,7 @@ from .engine import DoneEvent, GenerationStats, TokenEvent
 from .errors import (
     ContextOverflowError,
     CospecError,
+    EngineBusyError,
     IncompatiblePairError,
     ModelLoadError,
     RollbackError,
@@ -14,7 +15,7 @@ from .errors import (
 from .sampling import SamplingParams
 
 __all__ = [
-    "ChatSession", "ContextOverflowError", "CospecError", "DoneEvent", "GenerationConfig",
+    "ChatSession", "ContextOverflowError", "CospecError", "DoneEvent", "EngineBusyError", "GenerationConfig",
     "GenerationResult", "GenerationStats", "IncompatiblePairError", "ModelLoadError", "Pair",
     "RollbackError", "SamplingParams", "TokenEvent", "default_pair", "load_pair",
 ]

@@ -359,3 +359,81 @@ def test_a_verifier_reads_every_slots_rows_in_greedy_mode(tmp_path, tiny_target,
             assert token_prob == top_prob > 0.0
             assert total == pytest.approx(1.0)
         assert recorder.target_argmax_matches and all(recorder.target_argmax_matches)
+
+
+def test_bad_input_raises_when_the_stream_is_created(tiny_target, tiny_other):
+    """Validation happens in `stream()`, before the first event: nothing is consumed lazily."""
+    from cospec_local import ContextOverflowError
+
+    with load_pair(tiny_other, tiny_target, n_ctx=256, n_threads=1) as pair:
+        with pytest.raises(ValueError, match="empty"):
+            pair.stream([])
+        with pytest.raises(ContextOverflowError):
+            pair.stream("a" * 400)
+        with pytest.raises(ValueError, match="gamma"):
+            pair.stream("hello", mode="cos", gamma=(1, 1, 1))
+        with pytest.raises(ValueError, match="mode"):
+            pair.stream("hello", mode="bogus")
+    with load_pair(None, tiny_target, n_ctx=256, n_threads=1) as alone:
+        with pytest.raises(ValueError, match="needs a draft"):
+            alone.stream("hello", mode="spec")
+
+
+def test_a_second_concurrent_stream_is_refused_and_the_first_survives(tiny_target, tiny_other):
+    """One engine decodes one conversation at a time: a second stream on the same models raises
+    EngineBusyError instead of corrupting a KV cache, and the first stream finishes correctly."""
+    from cospec_local import EngineBusyError
+
+    with load_pair(tiny_other, tiny_target, n_ctx=512, n_threads=1) as pair:
+        ref = greedy(pair, PROMPTS[0], mode="target", max_tokens=20).tokens
+        first = pair.stream(PROMPTS[0], temperature=0, max_tokens=20)
+        tokens = [next(first).token for _ in range(3)]
+        with pytest.raises(EngineBusyError):
+            pair.stream(PROMPTS[1], temperature=0)
+        other_chat = pair.chat()
+        with pytest.raises(EngineBusyError):
+            other_chat.say("hello", temperature=0)
+        tokens += [e.token for e in first if getattr(e, "token", -1) >= 0]
+        assert tokens == ref
+        # A stream created while idle but started while another runs is refused at its first event.
+        waiting = pair.stream(PROMPTS[2], temperature=0, max_tokens=5)
+        running = pair.stream(PROMPTS[1], temperature=0, max_tokens=5)
+        next(running)
+        with pytest.raises(EngineBusyError):
+            next(waiting)
+        assert len(list(running)) > 1  # the running stream is unharmed
+
+
+def test_conversations_interleaved_on_one_engine_match_each_alone(tiny_target, tiny_other):
+    """Per-conversation state: two chats alternating turns on one engine reply exactly as each
+    does alone (the engine reconciles its caches with whichever conversation runs)."""
+    turns_a, turns_b = ["hi there", "tell me more"], ["what is 12", "and 13"]
+    alone = {}
+    for name, turns in (("a", turns_a), ("b", turns_b)):
+        with load_pair(tiny_other, tiny_target, n_ctx=1024, n_threads=1) as pair:
+            chat = pair.chat()
+            alone[name] = [chat.say(t, temperature=0, max_tokens=15).tokens for t in turns]
+    with load_pair(tiny_other, tiny_target, n_ctx=1024, n_threads=1) as pair:
+        chat_a, chat_b = pair.chat(), pair.chat()
+        got = {"a": [], "b": []}
+        for t_a, t_b in zip(turns_a, turns_b):
+            got["a"].append(chat_a.say(t_a, temperature=0, max_tokens=15).tokens)
+            got["b"].append(chat_b.say(t_b, temperature=0, max_tokens=15).tokens)
+        assert chat_a.conversation is not chat_b.conversation
+    assert got == alone
+
+
+def test_provenance_names_the_slot_and_how(tiny_target, tiny_other):
+    """spec: accepted tokens come from the draft, corrections and bonuses from the target;
+    collab: every token is sampled from r over both models."""
+    with load_pair(tiny_other, tiny_target, n_ctx=512, n_threads=1) as pair:
+        events = [e for e in pair.stream(PROMPTS[0], temperature=0, max_tokens=40, draft_max=4, adaptive=False,
+                                         draft_p_min=0.0) if getattr(e, "token", -1) >= 0]
+        kinds = {(e.source, e.slot) for e in events}
+        assert kinds <= {(ACCEPTED, "draft"), (CORRECTION, "target"), (BONUS, "target")}
+        assert (CORRECTION, "target") in kinds
+        assert all(e.proposed == (e.source == ACCEPTED) for e in events)
+        collab = [e for e in pair.stream(PROMPTS[0], mode="collab", temperature=0, max_tokens=10) if getattr(e, "token", -1) >= 0]
+        assert {(e.source, e.slot) for e in collab} == {(SAMPLED, "combined")}
+        alone = [e for e in pair.stream(PROMPTS[0], mode="target", temperature=0, max_tokens=10) if getattr(e, "token", -1) >= 0]
+        assert {(e.source, e.slot) for e in alone} == {(SAMPLED, "target")}
