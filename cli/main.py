@@ -231,7 +231,7 @@ def generate(prompt, prompt_file, draft, target, models, target_ngl, draft_ngl, 
 def info(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose):
     """Report on a pair: vocabularies, token map, sizes, chat template."""
     pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose, need_draft=False)
-    for role, model in (("target", pair.target), ("draft", pair.draft)):
+    for role, model in (("target", pair.target), ("draft", pair.draft), *((f"model{i}", m) for i, m in enumerate(pair.extra, 1))):
         if model is None:
             continue
         click.echo(

@@ -304,8 +304,9 @@ class Engine:
             # 1. Reuse each cache's longest prefix of the context, then prefill the rest (no logits).
             for slot in slots:
                 slot.seconds, slot.calls = 0.0, 0
-            cached = [slots[i].prepare(context) for i in plan.active]
-            stats.n_prompt_cached = cached[-1] if plan.mode == "spec" else cached[0]
+            cached = {i: slots[i].prepare(context) for i in plan.active}
+            target = self.index.get("target", 0)
+            stats.n_prompt_cached = cached.get(target, cached[plan.active[0]])
             t0 = time.perf_counter()
             for i in plan.active:
                 # The draft prefills lazily when measurements say it is not worth running.

@@ -136,3 +136,16 @@ def test_cli_eval_and_bench_compare_collaborative_modes(tmp_path):
         assert m["greedy_output_identical_to_collab"] is True
         assert m["calls_speedup"] > 1.0
         assert m["predicted_speedup"] > 0 and m["predicted_speedup_with_verify_cost"] > 0
+
+
+def test_cli_chat_in_cos_mode_replies_like_collab():
+    """`chat --mode cos` (piped) prints the same replies as `chat --mode collab`, and /stats
+    reports model calls per token."""
+    models = ["--draft", DRAFT, "--target", TARGET, "--ctx-size", 512, "--threads", 1, "--temperature", 0,
+              "--max-tokens", 30, "--no-color", "--combine", "cd"]
+    lines = "Q: 12+34=?\n/stats\nQ: 7+8=?\n"
+    collab = CliRunner().invoke(cli, ["chat", *map(str, models), "--mode", "collab"], input=lines)
+    cos = CliRunner().invoke(cli, ["chat", *map(str, models), "--mode", "cos"], input=lines)
+    assert collab.exit_code == 0 and cos.exit_code == 0, cos.output
+    assert cos.stdout == collab.stdout and cos.stdout.count("\n") >= 2
+    assert "model calls/token" in cos.stderr
