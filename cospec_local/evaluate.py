@@ -96,14 +96,21 @@ def evaluate(
 
 
 def format_table(report: dict) -> str:
-    """A plain-text table of an `evaluate` report."""
-    lines = [f"{'mode':<10} {'accuracy':>9} {'95% CI':>15} {'tok/s':>9} {'calls/tok':>9} {'accept':>8} {'acc.len':>8}"]
-    for m in report["modes"]:
-        lo, hi = m["ci95"]
-        acc = f"{m['acceptance_rate']:.1%}" if m["acceptance_rate"] is not None else "-"
-        alen = f"{m['mean_accepted_length']:.2f}" if m["mean_accepted_length"] is not None else "-"
-        lines.append(
-            f"{m['mode']:<10} {m['accuracy']:>9.1%} {f'[{lo:.1%}, {hi:.1%}]':>15} {m['tokens_per_second']:>9.1f} "
-            f"{m['model_calls_per_token']:>9.2f} {acc:>8} {alen:>8}"
-        )
+    """A plain-text table of an `evaluate` report: one column per mode."""
+    modes = report["modes"]
+
+    def pct(x):
+        return "-" if x is None else f"{x:.1%}"
+
+    rows = [
+        ("accuracy", [pct(m["accuracy"]) for m in modes]),
+        ("95% CI", [f"{m['ci95'][0]:.1%}-{m['ci95'][1]:.1%}" for m in modes]),
+        ("tok/s", [f"{m['tokens_per_second']:.1f}" for m in modes]),
+        ("calls/token", [f"{m['model_calls_per_token']:.2f}" for m in modes]),
+        ("acceptance", [pct(m["acceptance_rate"]) for m in modes]),
+        ("accepted/cycle", ["-" if m["mean_accepted_length"] is None else f"{m['mean_accepted_length']:.2f}" for m in modes]),
+    ]
+    width = max(13, *(len(m["mode"]) + 2 for m in modes))
+    lines = [f"{'':<15}" + "".join(f"{m['mode']:>{width}}" for m in modes)]
+    lines += [f"{name:<15}" + "".join(f"{v:>{width}}" for v in values) for name, values in rows]
     return "\n".join(lines)
