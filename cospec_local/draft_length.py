@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 # A probe after many target-only steps feeds the draft at most this many recent tokens.
 CATCH_UP_WINDOW = 16
 
@@ -36,7 +34,7 @@ class AdaptiveDraftLength:
         self.successes, self.failures = 1.6, 0.4
         self.t_draft: float | None = None  # seconds per draft step (EMA)
         # Decayed sufficient statistics of (rows, seconds) for the target's call-time line.
-        self._s = np.zeros(5)  # sum w, w*n, w*n^2, w*t, w*n*t
+        self._s = (0.0, 0.0, 0.0, 0.0, 0.0)  # sum w, w*n, w*n^2, w*t, w*n*t (plain floats: cheap per step)
         self.spec_tpt: float | None = None  # measured seconds per token, drafting cycles (EMA)
         self.target_tpt: float | None = None  # measured seconds per token, target steps (EMA)
         self.since_probe = 0
@@ -61,11 +59,10 @@ class AdaptiveDraftLength:
         if self.t_draft is None or self._s[0] <= 0:
             return k_max
         alpha = min(self.alpha, 0.999)
-        costs = [
-            (k * self.t_draft + self.verify_time(k + 1)) * (1 - alpha) / (1 - alpha ** (k + 1))
-            for k in range(1, k_max + 1)
-        ]
-        return 1 + int(np.argmin(costs))
+        def time_per_token(k: int) -> float:
+            return (k * self.t_draft + self.verify_time(k + 1)) * (1 - alpha) / (1 - alpha ** (k + 1))
+
+        return min(range(1, k_max + 1), key=time_per_token)
 
     @property
     def drafting_loses(self) -> bool:
@@ -76,9 +73,9 @@ class AdaptiveDraftLength:
         """k for the next cycle: 0 (a plain target step) or 1..k_max."""
         if k_max < 1:  # no room left for a draft token
             return 0
-        k = self.best_draft_length(k_max)
+        # The best k is modelled only when drafting is chosen (the per-step cost of target steps).
         if self.spec_tpt is None:
-            return k
+            return self.best_draft_length(k_max)
         if self.target_tpt is None:
             return 0
         drafting_wins = self.spec_tpt <= self.target_tpt
@@ -86,8 +83,8 @@ class AdaptiveDraftLength:
         if self.since_probe >= self.probe_every:  # re-try the losing option
             self.since_probe = 0
             self.probe_every = min(self.probe_every * self.PROBE_GROWTH, self.LAST_PROBE)
-            return 0 if drafting_wins else k
-        return k if drafting_wins else 0
+            drafting_wins = not drafting_wins
+        return self.best_draft_length(k_max) if drafting_wins else 0
 
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else 0.8 * old + 0.2 * new
@@ -103,8 +100,9 @@ class AdaptiveDraftLength:
             self.probe_every = self.FIRST_PROBE  # the winner changed: probe often again
 
     def observe_target(self, n_rows: int, seconds: float) -> None:
-        self._s *= self.decay
-        self._s += (1.0, n_rows, n_rows * n_rows, seconds, n_rows * seconds)
+        d = self.decay
+        s0, sn, snn, st, snt = self._s
+        self._s = (d * s0 + 1.0, d * sn + n_rows, d * snn + n_rows * n_rows, d * st + seconds, d * snt + n_rows * seconds)
 
     def observe_draft_step(self, seconds: float) -> None:
         self.t_draft = self._ema(self.t_draft, seconds)
