@@ -130,18 +130,17 @@ def cli():
 @model_options
 @generation_options
 @click.option("--system", default=None, help="System message.")
-@click.option("--color/--no-color", default=None, help="Colour draft-accepted tokens (default: on a terminal).")
+@click.option("--color/--no-color", default=None, help="Colour accepted proposed tokens (default: on a terminal).")
 @_handle_errors
 def chat(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose, system, color, **kwargs):
     """Interactive chat (reads messages from stdin when piped). Commands: /stats /reset /exit."""
     config = build_config(GenerationConfig(), kwargs)
-    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose, need_draft=config.mode != "target")
-    if pair.draft is None:
+    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose, need_draft=config.mode in ("spec", "draft"))
+    if pair.draft is None and config.mode == "spec":  # only a target: decode with it alone
         config = config.with_(mode="target")
     session = pair.chat(system)
     interactive = sys.stdin.isatty()
     color = sys.stdout.isatty() if color is None else color
-    last_stats = None
     if interactive:
         click.echo(f"cospec-local chat ({config.mode} mode, template: {session.template.name}). /stats /reset /exit", err=True)
     while True:
@@ -162,14 +161,14 @@ def chat(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbos
             click.echo("(conversation reset)", err=True)
             continue
         if message == "/stats":
+            # The conversation keeps the last reply's statistics, also of a reply cut by Ctrl-C.
+            last_stats = session.conversation.last_stats
             click.echo(format_stats(last_stats) if last_stats else "(no reply yet)", err=True)
             continue
         started = False  # the reply's leading space (after "Assistant:") is not worth printing
         try:
             for event in session.send(message, config):
-                if hasattr(event, "stats"):
-                    last_stats = event.stats
-                elif event.text:
+                if getattr(event, "text", ""):
                     text = event.text if started else event.text.lstrip()
                     if not text:
                         continue
@@ -200,8 +199,8 @@ def generate(prompt, prompt_file, draft, target, models, target_ngl, draft_ngl, 
     if not prompt:
         raise click.UsageError("give a PROMPT or --prompt-file")
     config = build_config(GenerationConfig(), kwargs)
-    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose, need_draft=config.mode != "target")
-    if pair.draft is None:
+    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose, need_draft=config.mode in ("spec", "draft"))
+    if pair.draft is None and config.mode == "spec":  # only a target: decode with it alone
         config = config.with_(mode="target")
     try:
         if as_json:
@@ -382,7 +381,7 @@ def eval_cmd(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, ve
     mode_list = _mode_list(modes)
     config = build_config(GenerationConfig(**EVAL_DEFAULTS, stop=DEFAULT_STOP), kwargs)
     config = config.with_(stop=tuple(dict.fromkeys(config.stop + DEFAULT_STOP)))
-    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose, need_draft=mode_list != ["target"])
+    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose, need_draft=bool({"spec", "draft"} & set(mode_list)))
     try:
         for mode in mode_list:
             pair.engine.plan(config.with_(mode=mode))  # fail before the first problem

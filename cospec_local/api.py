@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -168,17 +169,21 @@ class ChatSession:
         messages = self.messages + [{"role": "user", "content": user_text}]
         context, rendered = self._turn_tokens(messages)
         events = self.pair.engine.stream(context, config, conversation=self.conversation)
-        self.messages, self._rendered = messages, rendered
-        return self._relay(events, context)
+        return self._relay(events, context, messages, rendered)
 
-    def _relay(self, events, context: list[int]) -> Iterator[TokenEvent | DoneEvent]:
+    def _relay(self, events, context: list[int], messages: list[dict], rendered: str) -> Iterator[TokenEvent | DoneEvent]:
+        # The turn joins the conversation once the engine has started it (its first event); a
+        # stream refused at that point (another one running) leaves the conversation unchanged.
+        first = next(events)
+        self.messages, self._rendered = messages, rendered
         reply: list[str] = []
         try:
-            for event in events:
+            for event in itertools.chain([first], events):
                 if isinstance(event, TokenEvent):
                     reply.append(event.text)
                 yield event
         finally:
+            events.close()
             self.messages.append({"role": "assistant", "content": "".join(reply).strip()})
             self.tokens = list(self.conversation.context)
             # The reply as the engine committed it (what the KV cache holds after the prompt).

@@ -1,6 +1,7 @@
 """Combination functions: the distribution r the output follows, built from the members' rows.
 
-Every decoding mode names a combination (`algorithms.md`, section 2):
+Every decoding mode names a combination (Fu et al., "Fast Large Language Model Collaborative
+Decoding via Speculation", ICML 2025, for WE and CD):
 - `Single(i)`: r is slot i's own processed distribution (target-only, draft-only and plain
   speculative decoding, where r = the target's p);
 - `WeightedEnsemble(members, weights)`: r = sum_i w_i p_i over the members' processed
@@ -31,7 +32,6 @@ class Combination(Protocol):
     """The rule turning member rows into r. `members`: slot indices whose rows r needs."""
 
     members: tuple[int, ...]
-    name: str
 
     def probs(self, bundle, j: int) -> np.ndarray:
         """r at position j, dense over shared ids (float64)."""
@@ -58,9 +58,8 @@ def dense(row, n_vocab: int) -> np.ndarray:
 class Single:
     """r = one model's own processed distribution."""
 
-    def __init__(self, member: int, name: str = "single"):
+    def __init__(self, member: int):
         self.members = (member,)
-        self.name = name
 
     def probs(self, bundle, j):
         return dense(bundle.probs(self.members[0], j), bundle.n_vocab)
@@ -78,15 +77,12 @@ class Single:
 class WeightedEnsemble:
     """r = sum_i w_i p_i (weights normalised to sum 1)."""
 
-    name = "we"
-
     def __init__(self, members: tuple[int, ...], weights: tuple[float, ...] | None = None):
+        # Value checks (>= 0, not all 0) live in GenerationConfig; the count depends on the models.
         if weights is None:
             weights = (1.0,) * len(members)
         if len(weights) != len(members):
             raise ValueError(f"--weights has {len(weights)} values for {len(members)} models")
-        if min(weights) < 0 or sum(weights) <= 0:
-            raise ValueError("weights must be >= 0 and not all 0")
         self.members = tuple(members)
         total = float(sum(weights))
         self.weights = tuple(w / total for w in weights)
@@ -112,11 +108,7 @@ class WeightedEnsemble:
 class Contrastive:
     """r = softmax((l_expert - mu * l_amateur) / T), sampling filters on the combined logits."""
 
-    name = "cd"
-
     def __init__(self, expert: int, amateur: int, mu: float = 0.1):
-        if mu < 0:
-            raise ValueError("mu must be >= 0")
         self.members = (amateur, expert)
         self.expert, self.amateur, self.mu = expert, amateur, mu
 

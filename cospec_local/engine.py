@@ -20,16 +20,16 @@ The modes, in these terms:
   target / draft   one member, no proposer: each round scores one row and samples from it;
   spec             member: target; the draft proposes k tokens (adaptive); r = the target's p;
   collab           all models are members, no proposer: every model scores every token (reference);
-  cos-naive        all members; the draft proposes gamma tokens; the others verify against r;
+  cos-naive        all members; the first slot (the draft) proposes gamma tokens; r verifies them;
   cos              all members; the model with the largest gamma proposes first; every scoring call
                    appends its own sample (the bonus) to the proposal; when everything before it
                    is accepted, its owner drafts up to its gamma (two models: the Alternate
                    Proposal Framework; n models: the paper's queue scheme).
 
 Per-conversation state (`Conversation`) holds the context, the RNG and the draft-length policy; the
-engine holds the slots and runs one conversation at a time. At every yield each slot's cache holds
-a prefix of the committed context plus, at most, pending tokens; a consumer that stops early leaves
-the engine ready for the next call: `finally` drops the rows and trims caches to the context.
+engine holds the slots and runs one conversation at a time. A slot's cache may run ahead of the
+committed context (pending tokens, or accepted tokens not yet emitted); a consumer that stops early
+leaves the engine ready for the next call: `finally` drops the rows and trims caches to the context.
 """
 
 from __future__ import annotations
@@ -47,17 +47,7 @@ from .errors import ContextOverflowError, EngineBusyError
 from .sampling import logits_to_probs, sample
 from .slots import ModelSlot
 from .text import TextStream
-from .verify import (
-    ACCEPTED,
-    ARBITRATED,
-    BONUS,
-    CORRECTION,
-    SAMPLED,
-    RowBundle,
-    Verdict,
-    Verifier,
-    default_verifier,
-)
+from .verify import PROPOSED_KINDS, SAMPLED, RowBundle, Verdict, Verifier, default_verifier
 
 COMBINED = "combined"  # the producing "slot" of a token drawn from r over several models
 
@@ -77,7 +67,7 @@ class TokenEvent:
     @property
     def proposed(self) -> bool:
         """True for a token a proposer wrote and the verifier kept."""
-        return self.source in (ACCEPTED, ARBITRATED)
+        return self.source in PROPOSED_KINDS
 
 
 @dataclass
@@ -85,7 +75,7 @@ class GenerationStats:
     """Counts and timings of one generate/stream call (seconds)."""
 
     n_prompt: int = 0
-    n_prompt_cached: int = 0  # prompt tokens whose KV cache entries were reused (first member)
+    n_prompt_cached: int = 0  # prompt tokens whose KV entries were reused (the target's, when it runs)
     n_generated: int = 0
     n_cycles: int = 0  # verification rounds with at least one proposed token
     n_target_steps: int = 0  # rounds with nothing proposed (plain steps)
@@ -181,9 +171,11 @@ class Plan:
     combination: Combination
     active: tuple[int, ...]  # slots taking part: members and proposer
     proposer: int | None = None  # the default proposer
-    gammas: tuple[int, ...] = ()  # proposal length per slot
+    gammas: tuple[int, ...] = ()  # proposal length per slot (CoS)
     extend_with_bonus: bool = False  # cos: a scoring call appends its own sample
-    windowed: int | None = None  # a proposer that may restart on a recent window (spec's draft)
+    # spec: the draft's length comes from the draft-length policy, drafting stops when its
+    # confidence drops, and it may restart on a recent window instead of catching up.
+    speculative: bool = False
 
 
 class Engine:
@@ -200,7 +192,8 @@ class Engine:
         self.index = {slot.name: i for i, slot in enumerate(slots)}
         self.n_ctx = min(slot.model.n_ctx for slot in slots)
         self.exact_batch = min(slot.model.exact_batch for slot in slots)
-        self.n_vocab = slots[self.index.get("target", 0)].model.n_vocab
+        self.target_index = self.index.get("target", 0)
+        self.n_vocab = slots[self.target_index].model.n_vocab
         self._eog = set(int(t) for t in eog_ids)
         self._active: Conversation | None = None
 
@@ -222,16 +215,15 @@ class Engine:
     def plan(self, config: GenerationConfig) -> Plan:
         """The slots a mode uses and how; raises ValueError for a mode these models cannot run."""
         mode = config.mode
-        draft, target = self.index.get("draft"), self.index.get("target", 0)
+        draft, target = self.index.get("draft"), self.target_index
         if mode == "target":
-            return Plan(mode, Single(target, "target"), (target,))
+            return Plan(mode, Single(target), (target,))
         if mode in ("draft", "spec") and draft is None:
             raise ValueError(f"mode {mode!r} needs a draft model")
         if mode == "draft":
-            return Plan(mode, Single(draft, "draft"), (draft,))
+            return Plan(mode, Single(draft), (draft,))
         if mode == "spec":
-            gammas = tuple(config.draft_max if i == draft else 0 for i in range(len(self.slots)))
-            return Plan(mode, Single(target, "target"), (draft, target), draft, gammas, windowed=draft)
+            return Plan(mode, Single(target), (draft, target), draft, speculative=True)
         n = len(self.slots)
         if n < 2:
             raise ValueError(f"mode {mode!r} combines several models: give a --draft (and --model ...)")
@@ -297,23 +289,25 @@ class Engine:
         conv.context = context = context_tokens
         text = TextStream(config.stop)
         eog = self._eog
-        policy = conv.draft_length if plan.mode == "spec" and config.adaptive else None
+        policy = conv.draft_length if plan.speculative and config.adaptive else None
         finish = "length"
         t_start = time.perf_counter()
         try:
             # 1. Reuse each cache's longest prefix of the context, then prefill the rest (no logits).
             for slot in slots:
                 slot.seconds, slot.calls = 0.0, 0
-            cached = {i: slots[i].prepare(context) for i in plan.active}
-            target = self.index.get("target", 0)
-            stats.n_prompt_cached = cached.get(target, cached[plan.active[0]])
+            lazy = plan.proposer if policy is not None and policy.drafting_loses else None
+            reused = {}
+            for i in plan.active:
+                slots[i].prepare(context)
+                if i != lazy:  # spec's draft prefills lazily when measurements say it does not pay
+                    slots[i].full_context()
+                reused[i] = slots[i].synced if slots[i].offset == 0 else 0
+            stats.n_prompt_cached = reused.get(self.target_index, reused[plan.active[0]])
             t0 = time.perf_counter()
             for i in plan.active:
-                # The draft prefills lazily when measurements say it is not worth running.
-                if i == plan.windowed and policy is not None and policy.drafting_loses:
-                    continue
-                slots[i].full_context()
-                slots[i].prefill(context)
+                if i != lazy:
+                    slots[i].prefill(context)
             stats.t_prefill = time.perf_counter() - t0
             for slot in slots:
                 slot.seconds = 0.0
@@ -322,8 +316,11 @@ class Engine:
             # 2. Rounds until a limit.
             pending: list[int] = []  # proposed tokens after the context
             proposers: list[int] = []  # slot index per pending token
+            token_bytes = slots[self.target_index].model.token_bytes
             while stats.n_generated < config.max_tokens:
-                room = min(self.n_ctx - len(context), self.exact_batch)
+                # Tokens a scoring batch may hold: the exact batch size, the context left, and no
+                # more pending tokens than the reply can still emit.
+                room = min(self.n_ctx - len(context), self.exact_batch, config.max_tokens - stats.n_generated + 1)
                 if room <= 0:
                     finish = "context"
                     break
@@ -334,7 +331,7 @@ class Engine:
                         break
                     context.append(token)
                     stats.n_generated += 1
-                    piece = text.push(slots[self.index.get("target", 0)].model.token_bytes(token))
+                    piece = text.push(token_bytes(token))
                     yield TokenEvent(token, piece, kind, slot_name)
                     if text.stopped:
                         finish = "stop"
@@ -348,19 +345,26 @@ class Engine:
                 yield TokenEvent(-1, tail, SAMPLED, "")
             stats.t_decode = time.perf_counter() - t_decode0
         finally:
-            # Whatever was evaluated beyond the committed context goes; rows are per round.
-            for slot in slots:
-                slot.clear_rows()
-                slot.rollback(len(context))
-            if not stats.t_decode:
-                stats.t_decode = time.perf_counter() - t_start - stats.t_prefill
-            for slot in slots:
-                if slot.calls:
-                    stats.model_calls[slot.name] = slot.calls
-                    stats.t_models[slot.name] = slot.seconds
-            stats.finish_reason = finish
-            conv.last_stats = stats
-            self._active = None
+            try:
+                # Whatever was evaluated beyond the committed context goes; rows are per round.
+                for slot in slots:
+                    slot.clear_rows()
+                for i in plan.active:
+                    try:
+                        slots[i].rollback(len(context))
+                    except Exception:
+                        slots[i].reset()  # a memory that cannot roll back starts over
+                        raise
+                if not stats.t_decode:
+                    stats.t_decode = time.perf_counter() - t_start - stats.t_prefill
+                for slot in slots:
+                    if slot.calls:
+                        stats.model_calls[slot.name] = slot.calls
+                        stats.t_models[slot.name] = slot.seconds
+                stats.finish_reason = finish
+                conv.last_stats = stats
+            finally:
+                self._active = None  # never leave the engine busy, whatever failed above
         yield DoneEvent(finish, stats)
 
     def _round(self, context, pending, proposers, room, config, plan, verifier, policy, rng, stats):
@@ -381,10 +385,10 @@ class Engine:
             limit = room - 1  # most pending tokens: scoring batches stay within `room`
             if not pending and plan.proposer is not None:
                 proposer = self._first_proposer(plan)
-                n = plan.gammas[proposer]
-                if plan.mode == "spec":
-                    k = policy.choose(min(config.draft_max, limit)) if policy is not None else min(config.draft_max, limit)
-                    n = k
+                if plan.speculative:  # k = 0: a plain target step
+                    n = k = policy.choose(min(config.draft_max, limit)) if policy is not None else min(config.draft_max, limit)
+                else:
+                    n = plan.gammas[proposer]
                 if n > 0 and limit > 0:
                     self._propose(proposer, n, context, pending, proposers, limit, config, plan, policy, rng)
                     continue
@@ -411,18 +415,19 @@ class Engine:
         params = config.sampling
         t0 = time.perf_counter()
         calls0 = slot.calls
-        if i == plan.windowed and not pending and len(context) - slot.synced > CATCH_UP_WINDOW:
+        if plan.speculative and not pending and len(context) - slot.synced > CATCH_UP_WINDOW:
             slot.rebase(context, CATCH_UP_WINDOW)
-        for _ in range(n):
+        n = min(n, limit - len(pending))
+        for step in range(n):
             position = len(pending)
-            if position >= limit:
-                break
             if len(slot.rows) <= position:
                 slot.score(context, pending)
-            token, top_prob = self._draw(slot, position, params, rng, config.draft_p_min if plan.mode == "spec" else 0.0)
+            # spec: stop drafting when the draft's confidence drops (moot for the last token).
+            p_min = config.draft_p_min if plan.speculative and step < n - 1 else 0.0
+            token, top_prob = self._draw(slot, position, params, rng, p_min)
             pending.append(token)
             proposers.append(i)
-            if top_prob < config.draft_p_min and plan.mode == "spec":
+            if top_prob < p_min:
                 break
         if policy is not None and slot.calls > calls0:
             policy.observe_draft_step((time.perf_counter() - t0) / (slot.calls - calls0))
@@ -472,7 +477,7 @@ class Engine:
         m = verdict.num_accepted
         if not 0 <= m <= t:
             raise RuntimeError(f"verifier accepted {m} of {t} proposed tokens")
-        if len(verdict.accepted_kinds) != m or not set(verdict.accepted_kinds) <= {ACCEPTED, ARBITRATED}:
+        if len(verdict.accepted_kinds) != m or not all(kind in PROPOSED_KINDS for kind in verdict.accepted_kinds):
             raise RuntimeError("verifier must give one provenance (accepted or arbitrated) per accepted token")
         wants_next = m < t or bundle.has_bonus_row
         if (verdict.next_token is None) == wants_next:

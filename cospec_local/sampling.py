@@ -41,11 +41,6 @@ class SamplingParams:
 _TOP_P_CANDIDATES = 1024
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max())
-    return e / e.sum()
-
-
 def softmax(logits: np.ndarray) -> np.ndarray:
     """The plain (temperature 1, unfiltered) float64 distribution of a row of logits."""
     e = np.exp(logits - logits.max(), dtype=np.float64)
@@ -91,8 +86,8 @@ def _filtered_probs(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndar
     """
     ids = candidates(logits, params)
     if ids is None:
-        return None, _softmax(np.asarray(logits, dtype=np.float64) / params.temperature)
-    return ids, _softmax(logits[ids].astype(np.float64) / params.temperature)
+        return None, softmax(np.asarray(logits, dtype=np.float64) / params.temperature)
+    return ids, softmax(logits[ids].astype(np.float64) / params.temperature)
 
 
 def logits_to_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:

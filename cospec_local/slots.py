@@ -3,17 +3,18 @@
 A slot wraps a `backend.LlamaModel` (one llama.cpp context) with what the decoding loop needs:
 - the id map between the model's vocabulary and the shared (target) ids (`token_map`, None when
   the vocabularies are identical);
-- what its KV cache holds: `history` is the context prefix (shared ids) the cache was built for,
-  and the cache holds `history[offset:]` (`offset > 0` only while a proposer works on a recent
-  window, see `rebase`);
+- what its KV cache holds: `history` is the token sequence (shared ids: the context, then any
+  pending tokens the slot has evaluated) the cache was built for, and the cache holds
+  `history[offset:]` (`offset > 0` only while a proposer works on a recent window, see `rebase`);
 - `rows`: the queue of logits rows it has computed for the positions after the committed context
   (row j = its distribution of pending token j, given the context and pending tokens 0..j-1), with
   the processed distributions made from them (`probs`, filled lazily);
 - `score`: evaluate what it has not seen yet and append rows; `rollback`; `prepare` (keep the
   longest cached prefix of a new context).
 
-Invariant kept by the engine: a slot with m >= 1 rows has evaluated the context and the first
-m - 1 pending tokens; a slot with no rows has evaluated at most the context minus its last token.
+Invariant kept by the engine during a generation: a slot with m >= 1 rows has evaluated the context
+and the first m - 1 pending tokens; a slot with no rows has evaluated at most the context minus its
+last token. Between generations `prepare` re-establishes it for the next context.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class ModelSlot:
         self.name = name
         self.model = model
         self.token_map = token_map
-        self.history: list[int] = []  # shared ids of the context prefix the cache was built for
+        self.history: list[int] = []  # shared ids the cache was built for (context, then pending)
         self.offset = 0  # the cache holds history[offset:]
         self.rows: list[np.ndarray] = []  # logits rows (model ids) for pending positions 0..m-1
         self.probs: list = []  # processed distributions of those rows, None until computed
@@ -41,10 +42,6 @@ class ModelSlot:
         self.calls = 0  # llama.cpp calls that asked for logits (reset per generation)
 
     # -- ids ------------------------------------------------------------------------------------------
-    @property
-    def trimmed(self) -> bool:
-        return self.token_map is not None
-
     def to_model(self, shared_ids: list[int]) -> list[int]:
         return shared_ids if self.token_map is None else self.token_map.to_draft(shared_ids)
 
@@ -54,7 +51,7 @@ class ModelSlot:
     # -- cache ----------------------------------------------------------------------------------------
     @property
     def synced(self) -> int:
-        """Number of context tokens (from the start) that the cache covers."""
+        """Length of `history`: tokens (context, then pending) the cache covers from the start."""
         return len(self.history)
 
     def rollback(self, n_keep: int) -> None:
@@ -127,8 +124,9 @@ class ModelSlot:
         """Evaluate everything after the cache and append rows for positions m..len(pending)
         (m = rows already queued); return the new rows (views: valid until this slot's next call).
 
-        The batch holding the rows never exceeds the model's exact batch size: a longer catch-up is
-        evaluated first, without logits, so the rows stay bit-identical to one-token decoding.
+        A catch-up longer than the model's exact batch size is evaluated first, without logits, so
+        the batch holding the rows (at most `exact_batch` when the caller keeps the pending tokens
+        within it) stays bit-identical to one-token decoding.
         """
         m = len(self.rows)
         n_rows = len(pending) + 1 - m

@@ -4,7 +4,8 @@ Glossary (used across the package):
 - *position j*: the j-th token after the committed context (j = 0 is the next token);
 - *proposed tokens* `x_0..x_{t-1}`: tokens some model proposed for positions 0..t-1, in shared
   (target) ids; `proposers[j]` is the slot that proposed x_j, and `q_j = bundle.probs(proposers[j], j)`
-  the distribution it drew x_j from;
+  the distribution it drew x_j from when sampling (when greedy, x_j is q_j's argmax and q_j is the
+  proposer's plain softmax);
 - *r_j*: the distribution the output must follow at position j, built from the member models'
   rows by the mode's `combine.Combination` (for plain speculative decoding r = the target's p);
 - *accepted tokens*: the proposed tokens kept, always a prefix `x_0..x_{m-1}` (m = `num_accepted`);

@@ -237,3 +237,30 @@ def test_rejections_roll_every_cache_back_to_the_committed_context(seeds, mode, 
         for slot in engine.slots:
             assert_cache_matches(slot, conversation.context)
     assert n_checked >= 20
+
+
+def test_a_model_that_cannot_roll_back_never_leaves_the_engine_busy():
+    """A target whose memory refuses partial removal fails the first rejection with RollbackError;
+    the engine cleans up (that cache starts over) and the next call runs instead of raising
+    EngineBusyError."""
+    from cospec_local import EngineBusyError, RollbackError
+
+    engine, models = make_engine((11, 22))
+    target = models[1]
+    real_rollback = target.rollback
+
+    def refuse_partial(n_keep):
+        if n_keep < target.n_past:
+            raise RollbackError("partial removal refused")
+        real_rollback(n_keep)
+
+    target.rollback = refuse_partial
+    with pytest.raises(RollbackError):
+        run(engine, [1, 2, 3], GenerationConfig(mode="spec", temperature=0, max_tokens=40, adaptive=False, draft_p_min=0.0))
+    target.rollback = real_rollback
+    try:
+        result, _, _ = run(engine, [1, 2, 3], GenerationConfig(mode="target", temperature=0, max_tokens=5))
+    except EngineBusyError:  # pragma: no cover - the failure this test guards against
+        pytest.fail("the engine stayed busy after a failed rollback")
+    fresh, _ = make_engine((11, 22))
+    assert result.tokens == run(fresh, [1, 2, 3], GenerationConfig(mode="target", temperature=0, max_tokens=5))[0].tokens

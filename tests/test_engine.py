@@ -437,3 +437,24 @@ def test_provenance_names_the_slot_and_how(tiny_target, tiny_other):
         assert {(e.source, e.slot) for e in collab} == {(SAMPLED, "combined")}
         alone = [e for e in pair.stream(PROMPTS[0], mode="target", temperature=0, max_tokens=10) if getattr(e, "token", -1) >= 0]
         assert {(e.source, e.slot) for e in alone} == {(SAMPLED, "target")}
+
+
+def test_a_chat_turn_refused_by_a_busy_engine_leaves_the_conversation_unchanged(tiny_target):
+    """A turn whose stream was created while the engine was idle but started while another
+    stream ran is refused (EngineBusyError) and does not join the conversation."""
+    from cospec_local import EngineBusyError
+
+    with load_pair(tiny_target, tiny_target, n_ctx=1024, n_threads=1) as pair:
+        chat = pair.chat()
+        chat.say("hello", temperature=0, max_tokens=5)
+        messages, tokens = list(chat.messages), list(chat.tokens)
+        waiting = chat.send("second question", temperature=0, max_tokens=5)
+        running = pair.stream(PROMPTS[0], temperature=0, max_tokens=5)
+        next(running)
+        with pytest.raises(EngineBusyError):
+            next(waiting)
+        list(running)
+        assert chat.messages == messages and chat.tokens == tokens
+        reply = chat.say("second question", temperature=0, max_tokens=5)
+        assert chat.messages[-2:] == [{"role": "user", "content": "second question"},
+                                      {"role": "assistant", "content": reply.text.strip()}]
