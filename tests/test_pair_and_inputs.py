@@ -10,32 +10,9 @@ from cospec_local.backend import LlamaModel, LoadOptions
 from cospec_local.draft_maker import make_draft
 from cospec_local.pair import TokenMap
 from cospec_local.testworld.gguf_export import make_random_llama_gguf
+from gguf_util import copy_gguf_with
 
 CORPUS = "the cat sat on the mat. the dog ate the hat. that is that.\n\n" * 20
-
-
-def copy_gguf_with(src, dst, **changes):
-    """Copy a GGUF, replacing some scalar metadata values (to build deliberately broken pairs)."""
-    import gguf
-
-    reader = gguf.GGUFReader(src)
-    arch = reader.fields["general.architecture"].contents()
-    writer = gguf.GGUFWriter(dst, arch)
-    for field in reader.fields.values():
-        if field.name == "general.architecture" or field.name.startswith("GGUF."):
-            continue
-        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        value = changes.get(field.name, field.contents())
-        writer.add_key_value(field.name, value, field.types[0], sub_type=sub)
-    for t in reader.tensors:
-        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for t in reader.tensors:
-        writer.write_tensor_data(t.data)
-    writer.close()
-    return dst
 
 
 def test_token_map_both_ways():

@@ -6,6 +6,7 @@ import pytest
 from cospec_local import load_pair
 from cospec_local.chat import FALLBACK_STOP, ChatTemplate
 from cospec_local.text import TextStream
+from gguf_util import copy_gguf_with
 
 # A small template in the style of real GGUF chat templates (Zephyr/ChatML-like): a loop over
 # messages with a role check that calls raise_exception, eos_token after assistant turns,
@@ -205,33 +206,10 @@ def test_fallback_template_is_a_user_assistant_transcript():
 # -- end to end: a GGUF carrying a chat template --------------------------------------------
 
 
-def copy_gguf_adding(src, dst, key: str, value: str):
-    """Copy a GGUF (metadata and tensors) and add one string metadata key."""
-    import gguf
-
-    reader = gguf.GGUFReader(src)
-    writer = gguf.GGUFWriter(dst, reader.fields["general.architecture"].contents())
-    for field in reader.fields.values():
-        if field.name == "general.architecture" or field.name.startswith("GGUF."):
-            continue
-        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
-    writer.add_key_value(key, value, gguf.GGUFValueType.STRING)
-    for t in reader.tensors:
-        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for t in reader.tensors:
-        writer.write_tensor_data(t.data)
-    writer.close()
-    return dst
-
-
 @pytest.fixture(scope="module")
 def templated_target(tiny_target, tmp_path_factory):
     path = tmp_path_factory.mktemp("templated") / "target_with_template.gguf"
-    return copy_gguf_adding(tiny_target, path, "tokenizer.chat_template", TEMPLATE)
+    return copy_gguf_with(tiny_target, path, added={"tokenizer.chat_template": TEMPLATE})
 
 
 def test_chat_uses_the_template_stored_in_the_gguf(templated_target, tiny_target):
