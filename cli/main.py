@@ -39,6 +39,7 @@ def model_options(fn):
         click.option("--draft-ngl", type=int, default=0, show_default=True, help="Draft layers offloaded to the GPU."),
         click.option("--ctx-size", type=int, default=4096, show_default=True, help="Context size (tokens) of each model."),
         click.option("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: all cores, or half on big machines)."),
+        click.option("--draft-threads", type=int, default=None, help="CPU threads for the draft (default: --threads; 1 often suits a very small draft, whose calls are too short to split)."),
         click.option("--verbose", is_flag=True, help="Show llama.cpp's log."),
     ]
     for option in reversed(options):
@@ -86,7 +87,7 @@ def build_config(base: GenerationConfig, kwargs: dict) -> GenerationConfig:
     return base.with_(**changes)
 
 
-def open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose, need_draft=True):
+def open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose, need_draft=True):
     """Load the requested pair; with no model flags, the default pair (built on first use)."""
     from cospec_local import default_pair, load_pair
 
@@ -97,7 +98,7 @@ def open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, v
     if draft is None and need_draft:
         raise click.UsageError("this mode needs a draft: pass --draft, or --mode target")
     return load_pair(
-        draft, target, models=tuple(models), n_ctx=ctx_size, n_threads=threads, target_ngl=target_ngl,
+        draft, target, models=tuple(models), n_ctx=ctx_size, n_threads=threads, draft_threads=draft_threads, target_ngl=target_ngl,
         draft_ngl=draft_ngl, verbose=verbose,
     )
 
@@ -132,10 +133,10 @@ def cli():
 @click.option("--system", default=None, help="System message.")
 @click.option("--color/--no-color", default=None, help="Colour accepted proposed tokens (default: on a terminal).")
 @_handle_errors
-def chat(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose, system, color, **kwargs):
+def chat(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose, system, color, **kwargs):
     """Interactive chat (reads messages from stdin when piped). Commands: /stats /reset /exit."""
     config = build_config(GenerationConfig(), kwargs)
-    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose, need_draft=config.mode in ("spec", "draft"))
+    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose, need_draft=config.mode in ("spec", "draft"))
     if pair.draft is None and config.mode == "spec":  # only a target: decode with it alone
         config = config.with_(mode="target")
     session = pair.chat(system)
@@ -192,14 +193,14 @@ def chat(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbos
 @generation_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object with the text and stats.")
 @_handle_errors
-def generate(prompt, prompt_file, draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose, as_json, **kwargs):
+def generate(prompt, prompt_file, draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose, as_json, **kwargs):
     """Complete PROMPT. Prints only the completion on stdout; statistics go to stderr."""
     if prompt_file is not None:
         prompt = prompt_file.read()
     if not prompt:
         raise click.UsageError("give a PROMPT or --prompt-file")
     config = build_config(GenerationConfig(), kwargs)
-    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose, need_draft=config.mode in ("spec", "draft"))
+    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose, need_draft=config.mode in ("spec", "draft"))
     if pair.draft is None and config.mode == "spec":  # only a target: decode with it alone
         config = config.with_(mode="target")
     try:
@@ -227,9 +228,9 @@ def generate(prompt, prompt_file, draft, target, models, target_ngl, draft_ngl, 
 @cli.command()
 @model_options
 @_handle_errors
-def info(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose):
+def info(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose):
     """Report on a pair: vocabularies, token map, sizes, chat template."""
-    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose, need_draft=False)
+    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose, need_draft=False)
     for role, model in (("target", pair.target), ("draft", pair.draft), *((f"model{i}", m) for i, m in enumerate(pair.extra, 1))):
         if model is None:
             continue
@@ -300,7 +301,7 @@ BENCH_DEFAULTS = {"temperature": 0.0, "max_tokens": 128}
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Save the report as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Save a PNG: speedup vs k, accepted-length histogram.")
 @_handle_errors
-def bench(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose, modes, baseline, repeats, sweep_k,
+def bench(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose, modes, baseline, repeats, sweep_k,
           family, num_prompts, out_path, plot_path, **kwargs):
     """Modes against a baseline (tokens/s and model calls per token), interleaved, with the formula's prediction."""
     from cospec_local.bench import BENCH_PROMPTS, plot_report, run_bench
@@ -313,7 +314,7 @@ def bench(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbo
         # Held-out problems past the first 10k (eval's range), num_prompts of each listed family.
         prompts = [p.prompt for name in family.split(",") for p in _problem_prompts(name.strip(), num_prompts, 10_000)]
         config = config.with_(stop=tuple(config.stop) + DEFAULT_STOP)
-    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose)
+    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose)
     try:
         ks = [int(x) for x in sweep_k.split(",") if x.strip()]
         report = run_bench(pair, prompts, config.max_tokens, repeats, config, ks, modes=mode_list, baseline=baseline)
@@ -367,7 +368,7 @@ EVAL_DEFAULTS = {"temperature": 0.0, "max_tokens": 160}
 @click.option("--modes", default="target,draft,spec", show_default=True, help="Comma-separated decoding modes to compare.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Save the report as JSON.")
 @_handle_errors
-def eval_cmd(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose, family, tasks_path, num_problems,
+def eval_cmd(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose, family, tasks_path, num_problems,
              start, modes, out_path, **kwargs):
     """Accuracy (95% CI), tokens/s, model calls and acceptance of decoding modes on checkable problems."""
     from cospec_local.evaluate import DEFAULT_STOP, evaluate, format_table
@@ -381,7 +382,7 @@ def eval_cmd(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, ve
     mode_list = _mode_list(modes)
     config = build_config(GenerationConfig(**EVAL_DEFAULTS, stop=DEFAULT_STOP), kwargs)
     config = config.with_(stop=tuple(dict.fromkeys(config.stop + DEFAULT_STOP)))
-    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, verbose, need_draft=bool({"spec", "draft"} & set(mode_list)))
+    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose, need_draft=bool({"spec", "draft"} & set(mode_list)))
     try:
         for mode in mode_list:
             pair.engine.plan(config.with_(mode=mode))  # fail before the first problem

@@ -60,6 +60,7 @@ class Pair:
         models: tuple[str | os.PathLike, ...] = (),
         n_ctx: int = 4096,
         n_threads: int | None = None,
+        draft_threads: int | None = None,
         target_ngl: int = 0,
         draft_ngl: int = 0,
         verbose: bool = False,
@@ -71,7 +72,7 @@ class Pair:
         slots = []
         try:
             if draft_path is not None:
-                self.draft = LlamaModel(draft_path, LoadOptions(n_ctx, n_threads, draft_ngl, verbose=verbose))
+                self.draft = LlamaModel(draft_path, LoadOptions(n_ctx, draft_threads or n_threads, draft_ngl, verbose=verbose))
                 self.report = check_pair(self.draft, self.target)
                 slots.append(ModelSlot("draft", self.draft, self.report.token_map))
             slots.append(ModelSlot("target", self.target))
@@ -196,5 +197,6 @@ class ChatSession:
 
 def load_pair(draft: str | os.PathLike | None, target: str | os.PathLike, **options) -> Pair:
     """Load and check a pair. `options`: models (further GGUFs for the collaborative modes),
-    n_ctx, n_threads, target_ngl (also used for further models), draft_ngl, verbose."""
+    n_ctx, n_threads, draft_threads (default n_threads), target_ngl (also used for further models),
+    draft_ngl, verbose."""
     return Pair(target, draft, **options)

@@ -149,3 +149,10 @@ def test_cli_chat_in_cos_mode_replies_like_collab():
     assert collab.exit_code == 0 and cos.exit_code == 0, cos.output
     assert cos.stdout == collab.stdout and cos.stdout.count("\n") >= 2
     assert "model calls/token" in cos.stderr
+
+
+def test_draft_threads_apply_to_the_draft_only():
+    r = run("info", "--draft", DRAFT, "--target", TARGET, "--ctx-size", 512, "--threads", 2, "--draft-threads", 1)
+    assert r.exit_code == 0, r.output
+    target_line, draft_line = (line for line in r.output.splitlines() if "threads" in line)
+    assert target_line.endswith("2 threads") and draft_line.endswith("1 threads")
