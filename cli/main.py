@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
+from pathlib import Path
 
 import click
 
@@ -136,7 +138,7 @@ def cli():
 def chat(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose, system, color, **kwargs):
     """Interactive chat (reads messages from stdin when piped). Commands: /stats /reset /exit."""
     config = build_config(GenerationConfig(), kwargs)
-    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose, need_draft=config.mode in ("spec", "draft"))
+    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose, need_draft=config.mode in ("spec", "draft", "cospec"))
     if pair.draft is None and config.mode == "spec":  # only a target: decode with it alone
         config = config.with_(mode="target")
     session = pair.chat(system)
@@ -200,7 +202,7 @@ def generate(prompt, prompt_file, draft, target, models, target_ngl, draft_ngl, 
     if not prompt:
         raise click.UsageError("give a PROMPT or --prompt-file")
     config = build_config(GenerationConfig(), kwargs)
-    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose, need_draft=config.mode in ("spec", "draft"))
+    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose, need_draft=config.mode in ("spec", "draft", "cospec"))
     if pair.draft is None and config.mode == "spec":  # only a target: decode with it alone
         config = config.with_(mode="target")
     try:
@@ -270,9 +272,9 @@ def make_draft_cmd(source, output, vocab_size, corpus, drop_layers):
     )
 
 
-def _mode_list(text: str) -> list[str]:
+def _mode_list(text: str, extra: tuple[str, ...] = ()) -> list[str]:
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in MODES]
+    unknown = [m for m in modes if m not in MODES + extra]
     if unknown:
         raise click.UsageError(f"unknown mode(s) {', '.join(unknown)}; known: {', '.join(MODES)}")
     return modes
@@ -365,11 +367,13 @@ EVAL_DEFAULTS = {"temperature": 0.0, "max_tokens": 160}
 @click.option("--tasks", "tasks_path", type=click.Path(exists=True, dir_okay=False), help='JSONL file of {"prompt", "answer"} lines.')
 @click.option("-n", "--num-problems", default=100, show_default=True, help="Problems to run (held-out split for families).")
 @click.option("--start", default=0, show_default=True, help="Index of the first held-out problem.")
-@click.option("--modes", default="target,draft,spec", show_default=True, help="Comma-separated decoding modes to compare.")
+@click.option("--modes", default="target,draft,spec", show_default=True,
+              help="Comma-separated modes to compare: decoding modes, plus rule (cospec with the fixed-threshold rule) and oracle (the arbiter that knows the answer).")
+@click.option("--rule", default=None, help="Thresholds TAU,RHO of the rule mode (default: those fitted with the policy).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Save the report as JSON.")
 @_handle_errors
 def eval_cmd(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose, family, tasks_path, num_problems,
-             start, modes, out_path, **kwargs):
+             start, modes, rule, out_path, **kwargs):
     """Accuracy (95% CI), tokens/s, model calls and acceptance of decoding modes on checkable problems."""
     from cospec_local.evaluate import DEFAULT_STOP, evaluate, format_table
     from cospec_local.testworld.tasks import load_jsonl_tasks
@@ -379,14 +383,28 @@ def eval_cmd(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, dr
     probs = _problem_prompts(family, num_problems, start) if family else load_jsonl_tasks(tasks_path)[start : start + num_problems]
     if not probs:
         raise click.UsageError("no problems to run")
-    mode_list = _mode_list(modes)
+    mode_list = _mode_list(modes, extra=("rule", "oracle"))
     config = build_config(GenerationConfig(**EVAL_DEFAULTS, stop=DEFAULT_STOP), kwargs)
     config = config.with_(stop=tuple(dict.fromkeys(config.stop + DEFAULT_STOP)))
-    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose, need_draft=bool({"spec", "draft"} & set(mode_list)))
+    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose,
+                     need_draft=bool({"spec", "draft", "cospec", "rule", "oracle"} & set(mode_list)))
     try:
+        rule_thresholds = None
+        if "rule" in mode_list:
+            if rule:
+                rule_thresholds = parse_list(rule, float)
+            else:  # the thresholds fitted on training problems, stored with the policy
+                meta = pair.engine.load_policy(config.policy).metadata
+                if "cospec.rule_tau" not in meta:
+                    raise click.UsageError("mode 'rule' needs --rule TAU,RHO (this policy stores no fitted rule)")
+                rule_thresholds = (float(meta["cospec.rule_tau"]), float(meta["cospec.rule_rho"]))
         for mode in mode_list:
-            pair.engine.plan(config.with_(mode=mode))  # fail before the first problem
-        report = evaluate(pair, probs, mode_list, config)
+            if mode not in ("rule", "oracle"):
+                pair.engine.plan(config.with_(mode=mode))  # fail before the first problem
+        if "cospec" in mode_list:
+            pair.engine.load_policy(config.policy)
+        report = evaluate(pair, probs, mode_list, config, rule=rule_thresholds)
+        report["rule"] = rule_thresholds
     finally:
         pair.close()
     report["source"] = family or tasks_path
@@ -395,6 +413,66 @@ def eval_cmd(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, dr
         with open(out_path, "w") as f:
             json.dump(report, f, indent=1)
         click.echo(f"saved {out_path}")
+
+
+@cli.command("train-policy")
+@model_options
+@click.option("--family", default="add,count", show_default=True, help="Task families to train on (fresh seeded problems, never the eval range).")
+@click.option("--tasks", "tasks_path", type=click.Path(exists=True, dir_okay=False), help='JSONL file of {"prompt", "answer"} lines instead (last 20% held out).')
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Where to write the ONNX policy (a .json report goes beside it).")
+@click.option("--epochs", default=12, show_default=True)
+@click.option("--batches-per-epoch", default=4, show_default=True)
+@click.option("--problems-per-batch", default=16, show_default=True)
+@click.option("--group-size", default=8, show_default=True, help="Rollouts per problem (the group whose mean reward is the baseline).")
+@click.option("--hidden", default=16, show_default=True, help="Hidden units of the policy MLP.")
+@click.option("--lr", default=0.03, show_default=True)
+@click.option("--cost", default=0.0, show_default=True, help="Reward penalty per target call per generated token.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--held-out", default=100, show_default=True, help="Held-out problems per family, scored every epoch.")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint (--out + .ckpt).")
+@click.option("--fit-rule/--no-fit-rule", default=True, show_default=True, help="Also fit the fixed-threshold rule baseline on training problems (stored in the policy's metadata).")
+@click.option("--compare-supervised", default=0, show_default=True, help="Also train the supervised baseline on oracle labels from this many training problems and report both.")
+@_handle_errors
+def train_policy_cmd(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose, family, tasks_path,
+                     out_path, epochs, batches_per_epoch, problems_per_batch, group_size, hidden, lr, cost, seed, held_out,
+                     resume, fit_rule, compare_supervised):
+    """Train the CoSpec arbitration policy by reinforcement learning (group-relative policy gradient)."""
+    from cospec_local.testworld.tasks import load_jsonl_tasks
+    from cospec_local.training import TaskSource, TrainSettings, accuracy, fit_rule as fit_rule_fn, oracle_labels, train_policy, train_supervised
+
+    families = tuple(f.strip() for f in family.split(",") if f.strip())
+    for name in families:
+        _problem_prompts(name, 1, 0)  # unknown family: a clear error now
+    tasks = TaskSource(items=load_jsonl_tasks(tasks_path)) if tasks_path else TaskSource(families)
+    settings = TrainSettings(families=families, epochs=epochs, batches_per_epoch=batches_per_epoch,
+                             problems_per_batch=problems_per_batch, group_size=group_size, hidden=hidden, lr=lr,
+                             cost=cost, seed=seed, held_out=held_out)
+    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose)
+    report = {}
+    try:
+        rule = None
+        if fit_rule:
+            rule_policy, rule_accuracy = fit_rule_fn(pair, tasks.train_set(100))
+            rule = (rule_policy.tau, rule_policy.rho)
+            report["rule"] = {"tau": rule[0], "rho": rule[1], "train_accuracy": rule_accuracy,
+                              "held_out_accuracy": accuracy(pair, rule_policy, tasks.held_out(held_out))}
+            click.echo(f"rule: keep when q(x) > {rule[0]} and p(y) < {rule[1]} (train accuracy {rule_accuracy:.3f}, "
+                       f"held-out {report['rule']['held_out_accuracy']:.3f})")
+        report.update(train_policy(pair, out_path, settings, tasks, resume=resume, rule=rule))
+        history = report["settings"]["history"]
+        click.echo(f"held-out accuracy {history[0]['held_out_accuracy']:.3f} -> {history[-1]['held_out_accuracy']:.3f} "
+                   f"in {report['seconds']:.0f} s; wrote {out_path}")
+        if compare_supervised:
+            t0 = time.perf_counter()
+            x, y = oracle_labels(pair, tasks.train_set(compare_supervised))
+            supervised = train_supervised(x, y, hidden=hidden, seed=seed)
+            report["supervised"] = {"labels": int(len(y)), "positive": int(y.sum()), "seconds": time.perf_counter() - t0,
+                                    "held_out_accuracy": accuracy(pair, supervised, tasks.held_out(held_out))}
+            click.echo(f"supervised baseline on {len(y)} oracle labels: held-out accuracy "
+                       f"{report['supervised']['held_out_accuracy']:.3f}")
+    finally:
+        pair.close()
+    Path(out_path).with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
 
 
 def main():

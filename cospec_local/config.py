@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from .sampling import SamplingParams
 
-MODES = ("spec", "target", "draft", "collab", "cos", "cos-naive")
+MODES = ("spec", "target", "draft", "collab", "cos", "cos-naive", "cospec")
 COMBINATIONS = ("we", "cd")
 DEFAULT_DRAFT_MAX = 6
 
@@ -25,7 +25,8 @@ class GenerationConfig:
     'target' (target alone: the baseline), 'draft' (draft alone), or a collaborative mode whose
     output follows a combination r of every model ('collab': all models score every token, the
     reference; 'cos': collaborative decoding via speculation with alternating proposers;
-    'cos-naive': the draft proposes, r verifies). Per-model values (`weights`, `gamma`) are in
+    'cos-naive': the draft proposes, r verifies), or 'cospec' (speculative decoding where a learned
+    policy may keep the draft's token at a mismatch). Per-model values (`weights`, `gamma`) are in
     the order draft, target, then extra models."""
 
     max_tokens: int = _opt(256, "Maximum number of tokens to generate.")
@@ -38,7 +39,7 @@ class GenerationConfig:
         "the adaptive draft length follows timings, so with it a seed fixes only the distribution."
     )
     stop: tuple[str, ...] = _opt((), "Stop when this string is generated (repeatable).")
-    mode: str = _opt("spec", "Decoding mode: spec, target, draft, collab, cos or cos-naive.")
+    mode: str = _opt("spec", "Decoding mode: spec, target, draft, collab, cos, cos-naive or cospec.")
     draft_max: int = _opt(
         DEFAULT_DRAFT_MAX, "Maximum draft tokens per verification (k); on the CPU at most 6, so that the target's "
         "7-token verification batch gives bit-identical logits to target-only decoding.", flag="-k/--draft-max"
@@ -51,6 +52,8 @@ class GenerationConfig:
         None, "Weighted-ensemble weights, one per model (draft, target, extra models), e.g. 0.5,0.5; default equal.",
         items=float)
     mu: float = _opt(0.1, "Contrastive-decoding strength (r = softmax((l_target - mu l_draft) / T)).")
+    policy: str | None = _opt(None, "CoSpec: the ONNX arbitration policy (default: the one shipped for the test-world family).")
+    threshold: float = _opt(0.5, "CoSpec: keep the draft's token at a mismatch when the policy's keep probability exceeds this.")
     gamma: tuple[int, ...] | None = _opt(
         None, "CoS proposal length per model (draft, target, extra models), e.g. 5,1; default: "
         "--draft-max + 1 - (number of models) for the draft (room for the others' bonus tokens in a verification batch), 1 for the others.", items=int)
@@ -70,6 +73,8 @@ class GenerationConfig:
             raise ValueError("mu must be >= 0")
         if self.weights is not None and (min(self.weights) < 0 or sum(self.weights) <= 0):
             raise ValueError("weights must be >= 0 and not all 0")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError("threshold must be in [0, 1]")
         if self.gamma is not None and min(self.gamma) < 1:
             raise ValueError("every gamma must be >= 1")
         self.sampling  # validates top_k/top_p/min_p

@@ -40,6 +40,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .arbiter import DEFAULT_POLICY, ArbitratingVerifier, OnnxPolicy
 from .combine import Combination, Contrastive, Single, WeightedEnsemble
 from .config import GenerationConfig
 from .draft_length import CATCH_UP_WINDOW, AdaptiveDraftLength
@@ -85,8 +86,11 @@ class GenerationStats:
     draft_lengths: list[int] = field(default_factory=list)  # per cycle: proposed tokens verified
     model_calls: dict[str, int] = field(default_factory=dict)  # llama.cpp calls with logits, per slot
     t_models: dict[str, float] = field(default_factory=dict)  # seconds in llama.cpp, per slot
+    n_mismatches: int = 0  # cospec: proposed tokens the target disagreed with
+    n_overrides: int = 0  # cospec: of those, draft tokens the arbiter kept
     t_prefill: float = 0.0
     t_decode: float = 0.0
+    t_arbiter: float = 0.0  # cospec: features and policy scoring (inside t_overhead)
     finish_reason: str = ""
 
     @property
@@ -173,9 +177,12 @@ class Plan:
     proposer: int | None = None  # the default proposer
     gammas: tuple[int, ...] = ()  # proposal length per slot (CoS)
     extend_with_bonus: bool = False  # cos: a scoring call appends its own sample
-    # spec: the draft's length comes from the draft-length policy, drafting stops when its
+    # spec/cospec: the draft's length comes from the draft-length policy, drafting stops when its
     # confidence drops, and it may restart on a recent window instead of catching up.
     speculative: bool = False
+    # cospec: members score only the proposed positions (no bonus row), so the draft writes every
+    # token and the arbiter can weigh in at each one.
+    bonus_row: bool = True
 
 
 class Engine:
@@ -196,6 +203,7 @@ class Engine:
         self.n_vocab = slots[self.target_index].model.n_vocab
         self._eog = set(int(t) for t in eog_ids)
         self._active: Conversation | None = None
+        self._policies: dict[str, OnnxPolicy] = {}
 
     def slot(self, name: str) -> ModelSlot | None:
         i = self.index.get(name)
@@ -224,6 +232,8 @@ class Engine:
             return Plan(mode, Single(draft), (draft,))
         if mode == "spec":
             return Plan(mode, Single(target), (draft, target), draft, speculative=True)
+        if mode == "cospec":
+            return Plan(mode, Single(target), (draft, target), draft, speculative=True, bonus_row=False)
         n = len(self.slots)
         if n < 2:
             raise ValueError(f"mode {mode!r} combines several models: give a --draft (and --model ...)")
@@ -269,8 +279,19 @@ class Engine:
             )
         self._check_idle()
         conversation = conversation or Conversation()
-        verifier = verifier or default_verifier(config.sampling)
+        if verifier is None:
+            if plan.mode == "cospec":
+                verifier = ArbitratingVerifier(self.load_policy(config.policy), config.threshold)
+            else:
+                verifier = default_verifier(config.sampling)
         return self._generate(list(context_tokens), config, plan, verifier, conversation)
+
+    def load_policy(self, path: str | None) -> OnnxPolicy:
+        """The ONNX arbitration policy at `path` (default: the shipped one), loaded once."""
+        path = str(path or DEFAULT_POLICY)
+        if path not in self._policies:
+            self._policies[path] = OnnxPolicy(path)
+        return self._policies[path]
 
     def _check_idle(self) -> None:
         if self._active is not None:
@@ -290,6 +311,9 @@ class Engine:
         text = TextStream(config.stop)
         eog = self._eog
         policy = conv.draft_length if plan.speculative and config.adaptive else None
+        start = getattr(verifier, "start", None)  # a verifier with per-reply state (the arbiter)
+        if start is not None:
+            start()
         finish = "length"
         t_start = time.perf_counter()
         try:
@@ -380,13 +404,20 @@ class Engine:
                 if policy is not None:
                     if n_verified:
                         policy.observe_acceptance(n_verified, verdict.num_accepted)
-                    policy.observe_cycle(k or 0, time.perf_counter() - t_round, len(emitted))
+                    if plan.bonus_row:  # spec's drafting-vs-target-steps comparison
+                        policy.observe_cycle(k or 0, time.perf_counter() - t_round, len(emitted))
                 return emitted
             limit = room - 1  # most pending tokens: scoring batches stay within `room`
             if not pending and plan.proposer is not None:
                 proposer = self._first_proposer(plan)
-                if plan.speculative:  # k = 0: a plain target step
-                    n = k = policy.choose(min(config.draft_max, limit)) if policy is not None else min(config.draft_max, limit)
+                if plan.speculative:
+                    cap = min(config.draft_max, limit)
+                    if policy is None:
+                        n = cap
+                    elif plan.bonus_row:  # spec: k = 0 is a plain target step
+                        n = k = policy.choose(cap)
+                    else:  # cospec: the draft writes every token, so it always drafts
+                        n = policy.best_draft_length(cap)
                 else:
                     n = plan.gammas[proposer]
                 if n > 0 and limit > 0:
@@ -454,7 +485,7 @@ class Engine:
         i = min(members, key=lambda m: len(self.slots[m].rows))
         slot = self.slots[i]
         t0 = time.perf_counter()
-        rows = slot.score(context, pending)
+        rows = slot.score(context, pending, None if plan.bonus_row else len(pending))
         if policy is not None and rows:
             policy.observe_target(len(rows), time.perf_counter() - t0)
         if plan.extend_with_bonus and len(pending) < limit:
@@ -489,6 +520,9 @@ class Engine:
             raise RuntimeError(f"verifier chose token {verdict.next_token} outside the vocabulary")
         slots = self.slots
         emitted = [(pending[j], verdict.accepted_kinds[j], slots[proposers[j]].name) for j in range(m)]
+        stats.n_mismatches += verdict.mismatches
+        stats.n_overrides += verdict.overrides
+        stats.t_arbiter += verdict.seconds
         if t:
             stats.n_cycles += 1
             stats.n_drafted += t

@@ -41,6 +41,9 @@ class ModeResult:
     accepted: int = 0
     cycles: int = 0
     model_calls: int = 0
+    target_calls: int = 0
+    mismatches: int = 0
+    overrides: int = 0
     per_problem: list[bool] = field(default_factory=list)
 
     @property
@@ -59,9 +62,33 @@ class ModeResult:
             "acceptance_rate": self.accepted / self.drafted if self.drafted else None,
             "mean_accepted_length": self.accepted / self.cycles if self.cycles else None,
             "model_calls_per_token": self.model_calls / self.tokens if self.tokens else 0.0,
+            "target_calls_per_token": self.target_calls / self.tokens if self.tokens else 0.0,
+            "mismatches": self.mismatches,
+            "overrides": self.overrides,
             "tokens": self.tokens,
             "per_problem": list(self.per_problem),
         }
+
+
+def oracle_correct(pair, problem, max_tokens: int) -> bool:
+    """The arbiter that knows the answer (`testworld.headroom`): right when target-only greedy is
+    right, or when keeping the draft's token at the first disagreement and continuing with the
+    target is."""
+    from .testworld.headroom import first_disagreement, greedy_continue
+    from .testworld.tasks import check
+
+    prompt_ids = pair.tokenize(problem.prompt)
+    target_ids = greedy_continue(pair, prompt_ids, max_tokens)
+    if check(problem.family, pair.target.detokenize(target_ids), problem.answer):
+        return True
+    eos = pair.target.eos_id
+    found = first_disagreement(pair, prompt_ids, target_ids, eos_id=eos)
+    if found is None:
+        return False
+    position, token = found
+    swapped = target_ids[:position] if token == eos else (
+        target_ids[:position] + [token] + greedy_continue(pair, prompt_ids + target_ids[:position] + [token], max_tokens - position - 1))
+    return check(problem.family, pair.target.detokenize(swapped), problem.answer)
 
 
 def evaluate(
@@ -70,22 +97,41 @@ def evaluate(
     modes=("target", "draft", "spec"),
     config: GenerationConfig | None = None,
     progress: bool = True,
+    rule: tuple[float, float] | None = None,
 ) -> dict:
-    """Run each problem in each mode (greedy unless `config` says otherwise) and check answers."""
+    """Run each problem in each mode (greedy unless `config` says otherwise) and check answers.
+
+    Besides the decoding modes: `rule` (cospec with the fixed-threshold rule `rule` = (tau, rho))
+    and `oracle` (`oracle_correct`; it has no speed figures)."""
     from tqdm import tqdm
 
+    from .arbiter import ArbitratingVerifier, RulePolicy
     from .testworld.tasks import check
 
     base = config or GenerationConfig(temperature=0.0, max_tokens=160, stop=DEFAULT_STOP)
+    if "rule" in modes and rule is None:
+        raise ValueError("mode 'rule' needs its thresholds (tau, rho)")
     results = {mode: ModeResult(mode) for mode in modes}
     for problem in tqdm(problems, desc="eval", disable=not progress):
         for mode in modes:
-            r = pair.generate(problem.prompt, base, mode=mode)
-            ok = check(problem.family, r.text, problem.answer)
             m = results[mode]
+            if mode == "oracle":
+                ok = oracle_correct(pair, problem, base.max_tokens)
+                m.n += 1
+                m.correct += ok
+                m.per_problem.append(ok)
+                continue
+            if mode == "rule":
+                r = pair.generate(problem.prompt, base, mode="cospec", verifier=ArbitratingVerifier(RulePolicy(*rule)))
+            else:
+                r = pair.generate(problem.prompt, base, mode=mode)
+            ok = check(problem.family, r.text, problem.answer)
             m.n += 1
             m.correct += ok
             m.per_problem.append(ok)
+            m.target_calls += r.stats.model_calls.get("target", 0)
+            m.mismatches += r.stats.n_mismatches
+            m.overrides += r.stats.n_overrides
             m.tokens += r.stats.n_generated
             m.t_decode += r.stats.t_decode
             m.drafted += r.stats.n_drafted
@@ -107,6 +153,8 @@ def format_table(report: dict) -> str:
         ("95% CI", [f"{m['ci95'][0]:.1%}-{m['ci95'][1]:.1%}" for m in modes]),
         ("tok/s", [f"{m['tokens_per_second']:.1f}" for m in modes]),
         ("calls/token", [f"{m['model_calls_per_token']:.2f}" for m in modes]),
+        ("target calls/tok", [f"{m['target_calls_per_token']:.2f}" for m in modes]),
+        ("overrides", [f"{m['overrides']}/{m['mismatches']}" if m["mismatches"] else "-" for m in modes]),
         ("acceptance", [pct(m["acceptance_rate"]) for m in modes]),
         ("accepted/cycle", ["-" if m["mean_accepted_length"] is None else f"{m['mean_accepted_length']:.2f}" for m in modes]),
     ]

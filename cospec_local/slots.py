@@ -120,21 +120,24 @@ class ModelSlot:
             self.seconds += time.perf_counter() - t0
             self.history.extend(feed)
 
-    def score(self, context: list[int], pending: list[int]) -> list[np.ndarray]:
-        """Evaluate everything after the cache and append rows for positions m..len(pending)
-        (m = rows already queued); return the new rows (views: valid until this slot's next call).
+    def score(self, context: list[int], pending: list[int], upto: int | None = None) -> list[np.ndarray]:
+        """Evaluate what the cache lacks and append rows for positions m..upto-1 (m = rows already
+        queued; default upto = len(pending) + 1: every pending position and the bonus row after
+        them); return the new rows (views: valid until this slot's next call).
 
         A catch-up longer than the model's exact batch size is evaluated first, without logits, so
         the batch holding the rows (at most `exact_batch` when the caller keeps the pending tokens
         within it) stays bit-identical to one-token decoding.
         """
         m = len(self.rows)
-        n_rows = len(pending) + 1 - m
+        upto = len(pending) + 1 if upto is None else upto
+        n_rows = upto - m
         if n_rows <= 0:
             return []
         n_context = len(context)
         start = self.synced
-        feed = context[start:] + pending if start < n_context else pending[start - n_context :]
+        needed = pending[: upto - 1]  # row j is conditioned on the pending tokens before j
+        feed = context[start:] + needed if start < n_context else needed[start - n_context :]
         if self._n_borrowed:  # rows we keep must survive the next call overwriting the buffer
             for i in range(len(self.rows) - self._n_borrowed, len(self.rows)):
                 self.rows[i] = self.rows[i].copy()

@@ -108,6 +108,10 @@ class Verdict:
     next_kind: str
     # Provenance of each accepted token; defaults to ACCEPTED for all of them.
     accepted_kinds: list[str] = field(default_factory=list)
+    # An arbitrating verifier's bookkeeping: mismatches met, draft tokens kept there, seconds spent.
+    mismatches: int = 0
+    overrides: int = 0
+    seconds: float = 0.0
 
     def __post_init__(self):
         if not self.accepted_kinds:

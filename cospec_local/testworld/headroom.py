@@ -42,11 +42,12 @@ def greedy_continue(pair: Pair, prefix_ids: list[int], max_new: int = MAX_NEW_TO
     return pair.generate(prefix_ids, mode=mode, temperature=0, max_tokens=max_new).tokens
 
 
-def first_disagreement(pair: Pair, prompt_ids: list[int], reference_ids: list[int], slot_name: str = "draft") -> tuple[int, int] | None:
+def first_disagreement(pair: Pair, prompt_ids: list[int], reference_ids: list[int], slot_name: str = "draft",
+                       eos_id: int = EOS_ID) -> tuple[int, int] | None:
     """(position, model's token) of the first place where the slot's greedy choice differs from
     `reference_ids` (a completion of `prompt_ids` that ends with an implicit EOS); None if it never does."""
     slot = pair.engine.slot(slot_name)
-    run = reference_ids + [EOS_ID]
+    run = reference_ids + [eos_id]
     slot.prepare(prompt_ids)
     slot.prefill(prompt_ids)
     try:

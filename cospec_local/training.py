@@ -1,0 +1,331 @@
+"""`cospec-local train-policy`: the CoSpec arbiter, trained by reinforcement learning.
+
+Algorithm (group-relative policy gradient, as in GRPO, without a critic):
+1. For each problem of a batch, run G rollouts of `--mode cospec` (greedy decoding) in which every
+   mismatch is arbitrated STOCHASTICALLY: keep the draft's token with the policy's probability pi(f).
+2. Reward each rollout: 1 if the final answer is right, else 0, minus `cost` x target calls per
+   generated token (0 by default).
+3. Advantage of a rollout = its reward minus the mean reward of its group (the same problem's G
+   rollouts): a baseline that needs no value network and cancels the problem's difficulty.
+4. Loss = - sum over rollouts of advantage x sum of log pi(decision | features), divided by the
+   number of decisions in the batch; one Adam step per batch.
+Rollouts decode with a numpy copy of the network (no torch per token). The network is an MLP over
+the schema-1 features (`arbiter.FEATURE_NAMES`), standardised with statistics of the first
+rollouts (baked into the exported graph). Each epoch logs the held-out accuracy of the
+deterministic policy (threshold 0.5) on problems never trained on, saves a checkpoint (resumable)
+and the ONNX file with its metadata: schema version, feature names, threshold, the rule baseline's
+thresholds and the training provenance.
+
+Also here: the supervised baseline (labels from oracle branch choices, AutoJudge-style) and the
+fixed-threshold rule fitted on training problems.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .arbiter import FEATURE_NAMES, SCHEMA_VERSION, ArbitratingVerifier, RulePolicy
+from .config import GenerationConfig
+from .evaluate import DEFAULT_STOP
+from .testworld.tasks import Problem, check, problems
+
+# Problem index ranges of the eval split: evaluation uses 0.., bench 10_000.., training 100_000..,
+# held-out validation during training 200_000.. (the train split of the families taught the models).
+TRAIN_START, HELD_OUT_START = 100_000, 200_000
+
+
+@dataclass
+class TrainSettings:
+    """Everything that determines a training run (stored in the checkpoint and the ONNX metadata)."""
+
+    families: tuple[str, ...] = ("add", "count")
+    epochs: int = 12
+    batches_per_epoch: int = 4
+    problems_per_batch: int = 16
+    group_size: int = 8
+    hidden: int = 16
+    lr: float = 0.03
+    cost: float = 0.0
+    seed: int = 0
+    held_out: int = 100  # per family
+    max_tokens: int = 160
+    history: list[dict] = field(default_factory=list)
+
+
+class NumpyPolicy:
+    """The MLP's forward pass in numpy: pi(keep | f) = sigmoid(w2 . tanh(W1 (f - mu) / sd + b1) + b2)."""
+
+    def __init__(self, mu, sd, w1, b1, w2, b2):
+        self.mu, self.sd, self.w1, self.b1, self.w2, self.b2 = (np.asarray(a, dtype=np.float64) for a in (mu, sd, w1, b1, w2, b2))
+
+    def keep_probability(self, features: np.ndarray) -> float:
+        h = np.tanh(self.w1 @ ((features - self.mu) / self.sd) + self.b1)
+        return float(1.0 / (1.0 + np.exp(-(self.w2 @ h + self.b2)[0])))
+
+
+def _torch_net(n_features: int, hidden: int):
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mu", torch.zeros(n_features))
+            self.register_buffer("sd", torch.ones(n_features))
+            self.hidden = torch.nn.Linear(n_features, hidden)
+            self.out = torch.nn.Linear(hidden, 1)
+
+        def logit(self, x):
+            return self.out(torch.tanh(self.hidden((x - self.mu) / self.sd))).squeeze(-1)
+
+        def numpy_policy(self) -> NumpyPolicy:
+            d = {k: v.detach().double().numpy() for k, v in self.state_dict().items()}
+            return NumpyPolicy(d["mu"], d["sd"], d["hidden.weight"], d["hidden.bias"], d["out.weight"], d["out.bias"])
+
+    return Net()
+
+
+def export_onnx(policy: NumpyPolicy, path: str | Path, metadata: dict[str, str]) -> Path:
+    """Write the MLP as an ONNX graph (Sub, Div, MatMul, Add, Tanh, Sigmoid) with `metadata`."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    f32 = np.float32
+    inits = [
+        numpy_helper.from_array(policy.mu.astype(f32)[None, :], "mu"),
+        numpy_helper.from_array(policy.sd.astype(f32)[None, :], "sd"),
+        numpy_helper.from_array(policy.w1.T.astype(f32), "w1"),
+        numpy_helper.from_array(policy.b1.astype(f32)[None, :], "b1"),
+        numpy_helper.from_array(policy.w2.T.astype(f32), "w2"),
+        numpy_helper.from_array(policy.b2.astype(f32)[None, :], "b2"),
+    ]
+    nodes = [
+        helper.make_node("Sub", ["features", "mu"], ["centred"]),
+        helper.make_node("Div", ["centred", "sd"], ["scaled"]),
+        helper.make_node("MatMul", ["scaled", "w1"], ["h1"]),
+        helper.make_node("Add", ["h1", "b1"], ["h1b"]),
+        helper.make_node("Tanh", ["h1b"], ["h"]),
+        helper.make_node("MatMul", ["h", "w2"], ["o1"]),
+        helper.make_node("Add", ["o1", "b2"], ["logit"]),
+        helper.make_node("Sigmoid", ["logit"], ["keep_probability"]),
+    ]
+    n = len(policy.mu)
+    graph = helper.make_graph(
+        nodes, "cospec_arbiter",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, n])],
+        [helper.make_tensor_value_info("keep_probability", TensorProto.FLOAT, [1, 1])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="cospec-local")
+    model.ir_version = 8
+    base = {"cospec.schema_version": SCHEMA_VERSION, "cospec.feature_names": ",".join(FEATURE_NAMES)}
+    for key, value in {**base, **metadata}.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+    onnx.checker.check_model(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save(model, tmp)
+    tmp.replace(path)
+    return path
+
+
+def rollout(pair, problem: Problem, verifier, seed: int, max_tokens: int, cost: float = 0.0) -> tuple[float, bool, list]:
+    """One cospec generation; returns (reward, correct, the verifier's recorded decisions)."""
+    result = pair.generate(problem.prompt, GenerationConfig(mode="cospec", temperature=0.0, max_tokens=max_tokens,
+                                                            stop=DEFAULT_STOP, seed=seed), verifier=verifier)
+    correct = check(problem.family, result.text, problem.answer)
+    target_calls = result.stats.model_calls.get("target", 0) / max(result.stats.n_generated, 1)
+    return float(correct) - cost * target_calls, correct, list(verifier.decisions)
+
+
+def accuracy(pair, policy, items: list[Problem], threshold: float = 0.5, max_tokens: int = 160) -> float:
+    """Share of `items` a deterministic arbiter gets right."""
+    verifier = ArbitratingVerifier(policy, threshold)
+    return float(np.mean([rollout(pair, p, verifier, 0, max_tokens)[1] for p in items]))
+
+
+def fit_rule(pair, items: list[Problem], max_tokens: int = 160, progress: bool = True) -> tuple[RulePolicy, float]:
+    """The fixed-threshold rule (keep when q(x) > tau and p(y) < rho) with the best accuracy on
+    `items` (training problems)."""
+    from tqdm import tqdm
+
+    grid = [(tau, rho) for tau in (0.3, 0.5, 0.7, 0.9) for rho in (0.3, 0.5, 0.7, 0.9, 1.01)]
+    best = (RulePolicy(1.1, 0.0), -1.0)  # a rule that never keeps
+    for tau, rho in tqdm(grid, desc="rule grid", disable=not progress):
+        acc = accuracy(pair, RulePolicy(tau, rho), items, max_tokens=max_tokens)
+        if acc > best[1]:
+            best = (RulePolicy(tau, rho), acc)
+    return best
+
+
+def _problems(families, start: int, n: int) -> list[Problem]:
+    return [p for family in families for p in problems(family, "eval", n, start)]
+
+
+class TaskSource:
+    """Where training problems come from: task families (fresh seeded problems, far from the
+    evaluation range) or a JSONL file (its last `held_out_share` kept for validation)."""
+
+    def __init__(self, families: tuple[str, ...] = (), items: list[Problem] | None = None, held_out_share: float = 0.2):
+        self.families = tuple(families)
+        self.items = items
+        if items is not None:
+            if len(items) < 5:
+                raise ValueError("a task file needs at least 5 problems to train on and validate with")
+            cut = max(1, int(len(items) * held_out_share))
+            self.train_items, self.held_items = items[:-cut], items[-cut:]
+
+    def train_batch(self, rng: np.random.Generator, n: int) -> list[Problem]:
+        if self.items is not None:
+            return [self.train_items[int(i)] for i in rng.integers(0, len(self.train_items), size=n)]
+        starts = rng.integers(0, 50_000, size=n)
+        return [problems(self.families[i % len(self.families)], "eval", 1, TRAIN_START + int(s))[0] for i, s in enumerate(starts)]
+
+    def train_set(self, n: int) -> list[Problem]:
+        """A fixed set of training problems (for the rule's grid search and oracle labels)."""
+        if self.items is not None:
+            return self.train_items[:n]
+        return _problems(self.families, TRAIN_START + 60_000, max(1, n // len(self.families)))
+
+    def held_out(self, n: int) -> list[Problem]:
+        if self.items is not None:
+            return self.held_items
+        return _problems(self.families, HELD_OUT_START, n)
+
+
+def train_policy(pair, out: str | Path, settings: TrainSettings, tasks: TaskSource | None = None,
+                 checkpoint: str | Path | None = None, resume: bool = False, progress: bool = True,
+                 rule: tuple[float, float] | None = None) -> dict:
+    """Train the arbiter by group-relative policy gradient and export it; returns the report."""
+    import torch
+    from tqdm import tqdm
+
+    t_start = time.perf_counter()
+    checkpoint = Path(checkpoint) if checkpoint else Path(str(out) + ".ckpt")
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(settings.seed)
+    net = _torch_net(len(FEATURE_NAMES), settings.hidden)
+    optimizer = torch.optim.Adam(net.parameters(), lr=settings.lr)
+    first_epoch = 0
+    tasks = tasks or TaskSource(settings.families)
+    held_out = tasks.held_out(settings.held_out)
+    if resume and checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        net.load_state_dict(state["net"])
+        optimizer.load_state_dict(state["optimizer"])
+        settings = TrainSettings(**state["settings"])
+        first_epoch = len(settings.history)
+    else:
+        with torch.no_grad():  # start near "keep half the time", features standardised
+            net.out.bias.fill_(0.0)
+        stats_items = tasks.train_batch(np.random.default_rng([settings.seed, 0]), 16)
+        verifier = ArbitratingVerifier(net.numpy_policy(), stochastic=True)
+        rows = [d.features for p in stats_items for d in rollout(pair, p, verifier, 1, settings.max_tokens)[2]]
+        if rows:
+            feats = np.stack(rows)
+            net.mu.copy_(torch.tensor(feats.mean(0), dtype=torch.float32))
+            net.sd.copy_(torch.tensor(feats.std(0) + 1e-3, dtype=torch.float32))
+        settings.history = [{"epoch": 0, "held_out_accuracy": accuracy(pair, net.numpy_policy(), held_out,
+                                                                            max_tokens=settings.max_tokens)}]
+        first_epoch = 1
+    per_epoch = settings.batches_per_epoch * settings.problems_per_batch
+    for epoch in range(first_epoch, settings.epochs + 1):
+        rng = np.random.default_rng([settings.seed, epoch])
+        rewards_seen: list[float] = []
+        bar = tqdm(total=per_epoch, desc=f"epoch {epoch}/{settings.epochs}", disable=not progress)
+        for batch in range(settings.batches_per_epoch):
+            items = tasks.train_batch(rng, settings.problems_per_batch)
+            policy = net.numpy_policy()
+            verifier = ArbitratingVerifier(policy, stochastic=True)
+            features, actions, weights = [], [], []
+            for k, problem in enumerate(items):
+                group = [rollout(pair, problem, verifier, int(rng.integers(1 << 31)), settings.max_tokens, settings.cost)
+                         for _ in range(settings.group_size)]
+                rewards = np.array([g[0] for g in group])
+                rewards_seen.extend(rewards.tolist())
+                advantages = rewards - rewards.mean()
+                for advantage, (_, _, decisions) in zip(advantages, group):
+                    for d in decisions:
+                        features.append(d.features)
+                        actions.append(float(d.kept))
+                        weights.append(advantage)
+                bar.update(1)
+                bar.set_postfix(reward=f"{np.mean(rewards_seen):.3f}")
+            if features and any(w != 0 for w in weights):
+                x = torch.tensor(np.stack(features), dtype=torch.float32)
+                a = torch.tensor(actions)
+                w = torch.tensor(weights, dtype=torch.float32)
+                logits = net.logit(x)
+                log_prob = -torch.nn.functional.binary_cross_entropy_with_logits(logits, a, reduction="none")
+                loss = -(w * log_prob).sum() / len(features)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        bar.close()
+        held = accuracy(pair, net.numpy_policy(), held_out, max_tokens=settings.max_tokens)
+        settings.history.append({"epoch": epoch, "train_reward": float(np.mean(rewards_seen)), "held_out_accuracy": held})
+        if progress:
+            print(f"epoch {epoch}: train reward {np.mean(rewards_seen):.3f}, held-out accuracy {held:.3f}", flush=True)
+        torch.save({"net": net.state_dict(), "optimizer": optimizer.state_dict(), "settings": asdict(settings)}, checkpoint)
+    seconds = time.perf_counter() - t_start
+    metadata = {
+        "cospec.threshold": "0.5",
+        "cospec.training": json.dumps({"algorithm": "group-relative policy gradient", **asdict(settings),
+                                       "seconds": round(seconds, 1),
+                                       "models": [str(slot.model.path.name) for slot in pair.engine.slots]}),
+    }
+    if rule is not None:
+        metadata["cospec.rule_tau"], metadata["cospec.rule_rho"] = str(rule[0]), str(rule[1])
+    export_onnx(net.numpy_policy(), out, metadata)
+    return {"settings": asdict(settings), "seconds": seconds, "out": str(out)}
+
+
+def oracle_labels(pair, items: list[Problem], max_tokens: int = 160) -> tuple[np.ndarray, np.ndarray]:
+    """AutoJudge-style labels: along the always-defer (plain SD) decoding of each problem, keep the
+    draft's token at ONE mismatch (deferring elsewhere); label 1 when that turns a wrong answer
+    right, 0 when it turns a right one wrong (ties carry no label)."""
+    from .arbiter import ConstantPolicy
+
+    class KeepAt:
+        def __init__(self, index):
+            self.index, self.seen = index, -1
+
+        def keep_probability(self, features):
+            self.seen += 1
+            return 1.0 if self.seen == self.index else 0.0
+
+    xs, ys = [], []
+    for problem in items:
+        recorder = ArbitratingVerifier(ConstantPolicy(0.0), stochastic=True)
+        _, base_correct, decisions = rollout(pair, problem, recorder, 0, max_tokens)
+        for i, decision in enumerate(decisions):
+            _, correct, _ = rollout(pair, problem, ArbitratingVerifier(KeepAt(i)), 0, max_tokens)
+            if correct != base_correct:
+                xs.append(decision.features)
+                ys.append(1.0 if correct else 0.0)
+    return (np.stack(xs) if xs else np.zeros((0, len(FEATURE_NAMES)))), np.array(ys)
+
+
+def train_supervised(x: np.ndarray, y: np.ndarray, hidden: int = 16, epochs: int = 400, lr: float = 0.03, seed: int = 0) -> NumpyPolicy:
+    """The same MLP fitted to oracle labels by cross-entropy (the supervised baseline)."""
+    import torch
+
+    torch.manual_seed(seed)
+    net = _torch_net(x.shape[1], hidden)
+    with torch.no_grad():
+        net.mu.copy_(torch.tensor(x.mean(0), dtype=torch.float32))
+        net.sd.copy_(torch.tensor(x.std(0) + 1e-3, dtype=torch.float32))
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    xt, yt = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32)
+    for _ in range(epochs):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(net.logit(xt), yt)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return net.numpy_policy()
