@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -70,10 +71,16 @@ def generation_options(fn=None, *, exclude=(), defaults=None):
         elif isinstance(default, bool):
             opt = click.option(f"--{name}/--no-{name}", default=None, help=help_text + f" [default: {default}]")
         else:
-            kind = type(default) if default is not None else int
+            kind = type(default) if default is not None else _optional_type(name)
             opt = click.option(*decls, name, type=kind, default=None, help=help_text + f" [default: {default}]")
         fn = opt(fn)
     return fn
+
+
+def _optional_type(name: str) -> type:
+    """The click type of a config field whose default is None ('int | None' -> int)."""
+    annotation = {f.name: f.type for f in dataclasses.fields(GenerationConfig)}[name]
+    return next(t for t in (int, float, str) if t.__name__ in str(annotation))
 
 
 def build_config(base: GenerationConfig, kwargs: dict) -> GenerationConfig:

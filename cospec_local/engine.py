@@ -184,6 +184,13 @@ class Plan:
     # token and the arbiter can weigh in at each one.
     bonus_row: bool = True
 
+    @property
+    def windowed_proposer(self) -> bool:
+        """spec only: the draft may skip its prefill and restart on a recent window, since its
+        tokens are only proposals the target checks exactly. In cospec its tokens may be kept, so
+        it must always read the whole context."""
+        return self.speculative and self.bonus_row
+
 
 class Engine:
     """Decodes over n >= 1 model slots, keeping their KV caches across calls.
@@ -320,7 +327,7 @@ class Engine:
             # 1. Reuse each cache's longest prefix of the context, then prefill the rest (no logits).
             for slot in slots:
                 slot.seconds, slot.calls = 0.0, 0
-            lazy = plan.proposer if policy is not None and policy.drafting_loses else None
+            lazy = plan.proposer if plan.windowed_proposer and policy is not None and policy.drafting_loses else None
             reused = {}
             for i in plan.active:
                 slots[i].prepare(context)
@@ -446,7 +453,7 @@ class Engine:
         params = config.sampling
         t0 = time.perf_counter()
         calls0 = slot.calls
-        if plan.speculative and not pending and len(context) - slot.synced > CATCH_UP_WINDOW:
+        if plan.windowed_proposer and not pending and len(context) - slot.synced > CATCH_UP_WINDOW:
             slot.rebase(context, CATCH_UP_WINDOW)
         n = min(n, limit - len(pending))
         for step in range(n):

@@ -219,7 +219,10 @@ def train_policy(pair, out: str | Path, settings: TrainSettings, tasks: TaskSour
         state = torch.load(checkpoint, weights_only=False)
         net.load_state_dict(state["net"])
         optimizer.load_state_dict(state["optimizer"])
+        requested_epochs = settings.epochs  # resuming may extend the run; everything else is the run's own
         settings = TrainSettings(**state["settings"])
+        settings.families = tuple(settings.families)
+        settings.epochs = requested_epochs
         first_epoch = len(settings.history)
     else:
         with torch.no_grad():  # start near "keep half the time", features standardised

@@ -1,0 +1,194 @@
+"""CoSpec: the arbitrating verifier, the ONNX policy runtime, RL training and the command line."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli.main import cli
+from cospec_local import load_pair
+from cospec_local.arbiter import FEATURE_NAMES, ArbitratingVerifier, ConstantPolicy, OnnxPolicy, PolicyError
+from cospec_local.config import GenerationConfig
+from cospec_local.evaluate import DEFAULT_STOP
+from cospec_local.testworld.tasks import problems
+from cospec_local.training import NumpyPolicy, TaskSource, TrainSettings, export_onnx, train_policy
+from cospec_local.verify import ACCEPTED, ARBITRATED, CORRECTION
+from cospec_local.api import collect
+from fake_backend import N_VOCAB, make_engine
+from stats_util import assert_matches
+
+FAMILY = Path(__file__).resolve().parents[1] / "models" / "family"
+DRAFT, TARGET = str(FAMILY / "draft.gguf"), str(FAMILY / "target.gguf")
+PROMPTS = [p.prompt for family in ("add", "count") for p in problems(family, "eval", 8, start=700)]
+N = len(FEATURE_NAMES)
+
+
+def constant_policy_file(path, keep: bool) -> Path:
+    """An ONNX policy whose output is (almost exactly) 1 or 0 whatever the features."""
+    bias = 30.0 if keep else -30.0
+    return export_onnx(NumpyPolicy(np.zeros(N), np.ones(N), np.zeros((4, N)), np.zeros(4), np.zeros((1, 4)), [bias]),
+                       path, {"cospec.threshold": "0.5"})
+
+
+@pytest.fixture(scope="module")
+def pair():
+    with load_pair(DRAFT, TARGET, n_ctx=512, n_threads=1) as pair:
+        yield pair
+
+
+@pytest.fixture(scope="module")
+def policies(tmp_path_factory):
+    d = tmp_path_factory.mktemp("policies")
+    return {"keep": constant_policy_file(d / "keep.onnx", True), "defer": constant_policy_file(d / "defer.onnx", False)}
+
+
+def greedy(pair, prompt, **kw):
+    return pair.generate(prompt, temperature=0, max_tokens=150, stop=DEFAULT_STOP, **kw)
+
+
+def test_a_policy_that_always_defers_gives_plain_speculative_output(pair, policies):
+    """Through the ONNX runtime: every mismatch defers, so the output is plain SD's, which is the
+    target's; mismatches are counted, nothing is overridden."""
+    mismatches = 0
+    for prompt in PROMPTS:
+        spec = greedy(pair, prompt, mode="spec")
+        out = greedy(pair, prompt, mode="cospec", policy=str(policies["defer"]))
+        assert out.tokens == spec.tokens == greedy(pair, prompt, mode="target").tokens
+        assert out.stats.n_overrides == 0 and ARBITRATED not in out.sources
+        mismatches += out.stats.n_mismatches
+    assert mismatches > 0
+
+
+def test_a_policy_that_always_keeps_gives_draft_only_output(pair, policies):
+    """Every mismatch keeps the draft's token and the draft writes every token: draft-only output;
+    no target token is ever emitted."""
+    overrides = 0
+    for prompt in PROMPTS:
+        out = greedy(pair, prompt, mode="cospec", policy=str(policies["keep"]))
+        assert out.tokens == greedy(pair, prompt, mode="draft").tokens
+        assert set(out.sources) <= {ACCEPTED, ARBITRATED}
+        assert out.stats.n_overrides == out.stats.n_mismatches
+        overrides += out.stats.n_overrides
+    assert overrides > 0
+
+
+def test_arbitration_time_is_measured_and_small(pair, policies):
+    """Scoring time is in the stats and stays a small share of decoding (here under 5%)."""
+    total = arbiter = 0.0
+    for prompt in PROMPTS:
+        out = greedy(pair, prompt, mode="cospec", policy=str(policies["keep"]))
+        total += out.stats.t_decode
+        arbiter += out.stats.t_arbiter
+    assert 0 < arbiter < 0.05 * total
+
+
+def test_onnxruntime_scores_equal_the_training_forward_pass(tmp_path):
+    """The exported graph computes the training code's numpy MLP (float32 vs float64: within 1e-5)."""
+    rng = np.random.default_rng(0)
+    policy = NumpyPolicy(rng.normal(size=N), rng.uniform(0.5, 2, size=N), rng.normal(size=(8, N)), rng.normal(size=8),
+                         rng.normal(size=(1, 8)), rng.normal(size=1))
+    onnx_policy = OnnxPolicy(export_onnx(policy, tmp_path / "p.onnx", {}))
+    rows = rng.normal(size=(200, N)).astype(np.float32)
+    got = np.array([onnx_policy.keep_probability(r) for r in rows])
+    expected = np.array([policy.keep_probability(r.astype(np.float64)) for r in rows])
+    assert np.abs(got - expected).max() < 1e-5
+    assert got.std() > 0.05  # the rows really exercise the network
+
+
+def test_bad_policy_files_are_refused_clearly(tmp_path):
+    import onnx
+
+    with pytest.raises(PolicyError, match="not found"):
+        OnnxPolicy(tmp_path / "missing.onnx")
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07garbage" * 50)
+    with pytest.raises(PolicyError, match="not a loadable ONNX policy"):
+        OnnxPolicy(corrupt)
+    good = constant_policy_file(tmp_path / "good.onnx", True)
+
+    def with_metadata(name, **changes):
+        model = onnx.load(good)
+        for entry in model.metadata_props:
+            if entry.key in changes:
+                entry.value = changes.pop(entry.key)
+        path = tmp_path / name
+        onnx.save(model, path)
+        return path
+
+    with pytest.raises(PolicyError, match="feature schema '0'"):
+        OnnxPolicy(with_metadata("old.onnx", **{"cospec.schema_version": "0"}))
+    with pytest.raises(PolicyError, match="unknown feature names"):
+        OnnxPolicy(with_metadata("names.onnx", **{"cospec.feature_names": "draft_p_own,token_id"}))
+    with pytest.raises(PolicyError, match="metadata lists 3 features"):
+        OnnxPolicy(with_metadata("width.onnx", **{"cospec.feature_names": "draft_p_own,target_p_own,draft_entropy"}))
+
+
+def test_cli_refuses_a_bad_policy_before_generating(tmp_path):
+    r = CliRunner().invoke(cli, ["generate", "Q: 1+2=?\n", "--draft", DRAFT, "--target", TARGET, "--ctx-size", "512",
+                                 "--mode", "cospec", "--policy", str(tmp_path / "nope.onnx")])
+    assert r.exit_code == 1 and "policy file not found" in r.output
+
+
+def test_sampled_cospec_follows_the_target_when_deferring_and_the_draft_when_keeping():
+    """Sampled arbitration on scripted models: always deferring is rejection sampling against the
+    target (its distribution), always keeping emits the draft's own samples (its distribution)."""
+    from cospec_local.sampling import SamplingParams, logits_to_probs
+
+    engine, models = make_engine((11, 22))
+    params = SamplingParams(temperature=1.0)
+    prompt = [1, 2, 3]
+    for keep, model in ((0.0, models[1]), (1.0, models[0])):
+        expected = logits_to_probs(model.logits_after(prompt), params)
+        counts = np.zeros(N_VOCAB)
+        kinds = set()
+        for seed in range(3000):
+            config = GenerationConfig(mode="cospec", temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=1,
+                                      seed=seed, adaptive=False, draft_max=2)
+            result = collect(engine.stream(prompt, config, ArbitratingVerifier(ConstantPolicy(keep)), engine.new_conversation()))
+            counts[result.tokens[0]] += 1
+            kinds.update(result.sources)
+        assert_matches(counts, expected)
+        assert (CORRECTION in kinds) == (keep == 0.0) and (ARBITRATED in kinds) == (keep == 1.0)
+
+
+def test_a_short_seeded_training_run_beats_its_initial_policy(pair, tmp_path):
+    """Group-relative policy gradient on the test world: held-out accuracy of the deterministic
+    policy after three epochs is above that of the initial (untrained) one."""
+    settings = TrainSettings(epochs=3, batches_per_epoch=2, problems_per_batch=12, group_size=6, held_out=40, seed=0)
+    report = train_policy(pair, tmp_path / "p.onnx", settings, TaskSource(("add", "count")), progress=False)
+    history = report["settings"]["history"]
+    assert history[-1]["held_out_accuracy"] > history[0]["held_out_accuracy"]
+    policy = OnnxPolicy(tmp_path / "p.onnx")
+    assert json.loads(policy.metadata["cospec.training"])["algorithm"] == "group-relative policy gradient"
+
+
+def test_train_policy_command_writes_a_policy_and_resumes(tmp_path):
+    """`train-policy` exports an ONNX policy with a report; --resume continues the same run."""
+    out = tmp_path / "p.onnx"
+    common = ["train-policy", "--draft", DRAFT, "--target", TARGET, "--ctx-size", "512", "--threads", "1", "--out", str(out),
+              "--batches-per-epoch", "1", "--problems-per-batch", "4", "--group-size", "3", "--held-out", "5", "--no-fit-rule"]
+    r = CliRunner().invoke(cli, common + ["--epochs", "1"])
+    assert r.exit_code == 0, r.output
+    assert [h["epoch"] for h in json.loads(out.with_suffix(".json").read_text())["settings"]["history"]] == [0, 1]
+    r = CliRunner().invoke(cli, common + ["--epochs", "2", "--resume"])
+    assert r.exit_code == 0, r.output
+    assert [h["epoch"] for h in json.loads(out.with_suffix(".json").read_text())["settings"]["history"]] == [0, 1, 2]
+    assert OnnxPolicy(out).feature_names == FEATURE_NAMES
+
+
+def test_eval_compares_target_draft_spec_cospec_rule_and_oracle(tmp_path, policies):
+    out = tmp_path / "eval.json"
+    r = CliRunner().invoke(cli, ["eval", "--draft", DRAFT, "--target", TARGET, "--ctx-size", "512", "--threads", "1",
+                                 "--family", "count", "-n", "12", "--modes", "target,draft,spec,cospec,rule,oracle",
+                                 "--policy", str(policies["keep"]), "--rule", "0.5,0.9", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    modes = {m["mode"]: m for m in json.loads(out.read_text())["modes"]}
+    assert list(modes) == ["target", "draft", "spec", "cospec", "rule", "oracle"]
+    assert modes["cospec"]["per_problem"] == modes["draft"]["per_problem"]  # the always-keep policy
+    assert modes["spec"]["per_problem"] == modes["target"]["per_problem"]
+    # On counting the draft knows the tally step the target never learned: the oracle gains.
+    assert modes["oracle"]["correct"] > modes["target"]["correct"]
+    assert modes["cospec"]["overrides"] == modes["cospec"]["mismatches"] > 0
+    assert 0 < modes["spec"]["target_calls_per_token"] < 1
