@@ -439,10 +439,11 @@ def eval_cmd(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, dr
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint (--out + .ckpt).")
 @click.option("--fit-rule/--no-fit-rule", default=True, show_default=True, help="Also fit the fixed-threshold rule baseline on training problems (stored in the policy's metadata).")
 @click.option("--compare-supervised", default=0, show_default=True, help="Also train the supervised baseline on oracle labels from this many training problems and report both.")
+@click.option("--init-supervised", is_flag=True, help="Start the RL run from that supervised baseline instead of random weights (needs --compare-supervised N).")
 @_handle_errors
 def train_policy_cmd(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose, family, tasks_path,
                      out_path, epochs, batches_per_epoch, problems_per_batch, group_size, hidden, lr, cost, seed, held_out,
-                     resume, fit_rule, compare_supervised):
+                     resume, fit_rule, compare_supervised, init_supervised):
     """Train the CoSpec arbitration policy by reinforcement learning (group-relative policy gradient)."""
     from cospec_local.testworld.tasks import load_jsonl_tasks
     from cospec_local.training import TaskSource, TrainSettings, accuracy, fit_rule as fit_rule_fn, oracle_labels, train_policy, train_supervised
@@ -465,10 +466,7 @@ def train_policy_cmd(draft, target, models, target_ngl, draft_ngl, ctx_size, thr
                               "held_out_accuracy": accuracy(pair, rule_policy, tasks.held_out(held_out))}
             click.echo(f"rule: keep when q(x) > {rule[0]} and p(y) < {rule[1]} (train accuracy {rule_accuracy:.3f}, "
                        f"held-out {report['rule']['held_out_accuracy']:.3f})")
-        report.update(train_policy(pair, out_path, settings, tasks, resume=resume, rule=rule))
-        history = report["settings"]["history"]
-        click.echo(f"held-out accuracy {history[0]['held_out_accuracy']:.3f} -> {history[-1]['held_out_accuracy']:.3f} "
-                   f"in {report['seconds']:.0f} s; wrote {out_path}")
+        supervised = None
         if compare_supervised:
             t0 = time.perf_counter()
             x, y = oracle_labels(pair, tasks.train_set(compare_supervised))
@@ -477,6 +475,13 @@ def train_policy_cmd(draft, target, models, target_ngl, draft_ngl, ctx_size, thr
                                     "held_out_accuracy": accuracy(pair, supervised, tasks.held_out(held_out))}
             click.echo(f"supervised baseline on {len(y)} oracle labels: held-out accuracy "
                        f"{report['supervised']['held_out_accuracy']:.3f}")
+        elif init_supervised:
+            raise click.UsageError("--init-supervised needs --compare-supervised N (the problems to label)")
+        report.update(train_policy(pair, out_path, settings, tasks, resume=resume, rule=rule,
+                                   init=supervised if init_supervised else None))
+        history = report["settings"]["history"]
+        click.echo(f"held-out accuracy {history[0]['held_out_accuracy']:.3f} -> {history[-1]['held_out_accuracy']:.3f} "
+                   f"(exported epoch {report['exported_epoch']}) in {report['seconds']:.0f} s; wrote {out_path}")
     finally:
         pair.close()
     Path(out_path).with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")

@@ -12,9 +12,10 @@ Algorithm (group-relative policy gradient, as in GRPO, without a critic):
 Rollouts decode with a numpy copy of the network (no torch per token). The network is an MLP over
 the schema-1 features (`arbiter.FEATURE_NAMES`), standardised with statistics of the first
 rollouts (baked into the exported graph). Each epoch logs the held-out accuracy of the
-deterministic policy (threshold 0.5) on problems never trained on, saves a checkpoint (resumable)
-and the ONNX file with its metadata: schema version, feature names, threshold, the rule baseline's
-thresholds and the training provenance.
+deterministic policy (threshold 0.5) on validation problems never trained on (and disjoint from the
+evaluation range) and saves a checkpoint (resumable); the epoch with the best validation accuracy
+is exported as ONNX with its metadata: schema version, feature names, threshold, the rule
+baseline's thresholds and the training provenance.
 
 Also here: the supervised baseline (labels from oracle branch choices, AutoJudge-style) and the
 fixed-threshold rule fitted on training problems.
@@ -22,6 +23,7 @@ fixed-threshold rule fitted on training problems.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -201,8 +203,10 @@ class TaskSource:
 
 def train_policy(pair, out: str | Path, settings: TrainSettings, tasks: TaskSource | None = None,
                  checkpoint: str | Path | None = None, resume: bool = False, progress: bool = True,
-                 rule: tuple[float, float] | None = None) -> dict:
-    """Train the arbiter by group-relative policy gradient and export it; returns the report."""
+                 rule: tuple[float, float] | None = None, init: NumpyPolicy | None = None) -> dict:
+    """Train the arbiter by group-relative policy gradient and export it; returns the report.
+
+    `init`: start from these weights (e.g. the supervised baseline) instead of random ones."""
     import torch
     from tqdm import tqdm
 
@@ -224,6 +228,12 @@ def train_policy(pair, out: str | Path, settings: TrainSettings, tasks: TaskSour
         settings.families = tuple(settings.families)
         settings.epochs = requested_epochs
         first_epoch = len(settings.history)
+        best = state["best"]
+    elif init is not None:
+        with torch.no_grad():
+            for name, value in (("mu", init.mu), ("sd", init.sd), ("hidden.weight", init.w1), ("hidden.bias", init.b1),
+                                ("out.weight", init.w2), ("out.bias", init.b2)):
+                net.state_dict()[name].copy_(torch.tensor(value, dtype=torch.float32))
     else:
         with torch.no_grad():  # start near "keep half the time", features standardised
             net.out.bias.fill_(0.0)
@@ -234,9 +244,12 @@ def train_policy(pair, out: str | Path, settings: TrainSettings, tasks: TaskSour
             feats = np.stack(rows)
             net.mu.copy_(torch.tensor(feats.mean(0), dtype=torch.float32))
             net.sd.copy_(torch.tensor(feats.std(0) + 1e-3, dtype=torch.float32))
+    if not (resume and checkpoint.exists()):
         settings.history = [{"epoch": 0, "held_out_accuracy": accuracy(pair, net.numpy_policy(), held_out,
                                                                             max_tokens=settings.max_tokens)}]
         first_epoch = 1
+        best = {"epoch": 0, "held_out_accuracy": settings.history[0]["held_out_accuracy"],
+                "net": copy.deepcopy(net.state_dict())}
     per_epoch = settings.batches_per_epoch * settings.problems_per_batch
     for epoch in range(first_epoch, settings.epochs + 1):
         rng = np.random.default_rng([settings.seed, epoch])
@@ -273,20 +286,24 @@ def train_policy(pair, out: str | Path, settings: TrainSettings, tasks: TaskSour
         bar.close()
         held = accuracy(pair, net.numpy_policy(), held_out, max_tokens=settings.max_tokens)
         settings.history.append({"epoch": epoch, "train_reward": float(np.mean(rewards_seen)), "held_out_accuracy": held})
+        if held > best["held_out_accuracy"]:
+            best = {"epoch": epoch, "held_out_accuracy": held, "net": copy.deepcopy(net.state_dict())}
         if progress:
             print(f"epoch {epoch}: train reward {np.mean(rewards_seen):.3f}, held-out accuracy {held:.3f}", flush=True)
-        torch.save({"net": net.state_dict(), "optimizer": optimizer.state_dict(), "settings": asdict(settings)}, checkpoint)
+        torch.save({"net": net.state_dict(), "optimizer": optimizer.state_dict(), "settings": asdict(settings),
+                    "best": best}, checkpoint)
     seconds = time.perf_counter() - t_start
+    net.load_state_dict(best["net"])
     metadata = {
         "cospec.threshold": "0.5",
         "cospec.training": json.dumps({"algorithm": "group-relative policy gradient", **asdict(settings),
-                                       "seconds": round(seconds, 1),
+                                       "exported_epoch": best["epoch"], "seconds": round(seconds, 1),
                                        "models": [str(slot.model.path.name) for slot in pair.engine.slots]}),
     }
     if rule is not None:
         metadata["cospec.rule_tau"], metadata["cospec.rule_rho"] = str(rule[0]), str(rule[1])
     export_onnx(net.numpy_policy(), out, metadata)
-    return {"settings": asdict(settings), "seconds": seconds, "out": str(out)}
+    return {"settings": asdict(settings), "exported_epoch": best["epoch"], "seconds": seconds, "out": str(out)}
 
 
 def oracle_labels(pair, items: list[Problem], max_tokens: int = 160) -> tuple[np.ndarray, np.ndarray]:
