@@ -21,7 +21,7 @@ WHEEL_CACHE ?= $(HOME)/.cache/cospec-local/wheels
 WHEEL_KEY := $(shell printf '%s|%s|%s' '$(LLAMA_CPP_VERSION)' '$(CMAKE_ARGS)' '$(ARCH)' | sha256sum | cut -c1-16)
 WHEEL_DIR := $(WHEEL_CACHE)/$(WHEEL_KEY)
 
-.PHONY: chat test setup llama-cpp models bench clean
+.PHONY: chat test setup llama-cpp models policy bench clean
 
 chat: setup
 	$(VENV)/bin/cospec-local chat
@@ -57,6 +57,13 @@ llama-cpp: $(VENV)/.llama-cpp-$(WHEEL_KEY)
 
 models: setup
 	$(PY) -m models.train_family
+
+# The shipped CoSpec policy (models/family/README.md); the library ships a copy as its default.
+policy: setup
+	$(VENV)/bin/cospec-local train-policy --draft models/family/draft.gguf --target models/family/target.gguf \
+	  --threads 1 --ctx-size 512 --out models/family/policy.onnx --epochs 8 --lr 0.003 \
+	  --compare-supervised 200 --init-supervised
+	cp models/family/policy.onnx cospec_local/data/cospec_policy.onnx
 
 bench: setup
 	$(VENV)/bin/cospec-local bench

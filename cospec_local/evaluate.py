@@ -44,6 +44,7 @@ class ModeResult:
     target_calls: int = 0
     mismatches: int = 0
     overrides: int = 0
+    t_arbiter: float = 0.0
     per_problem: list[bool] = field(default_factory=list)
 
     @property
@@ -64,6 +65,7 @@ class ModeResult:
             "model_calls_per_token": self.model_calls / self.tokens if self.tokens else 0.0,
             "target_calls_per_token": self.target_calls / self.tokens if self.tokens else 0.0,
             "mismatches": self.mismatches,
+            "arbiter_share_of_decode": self.t_arbiter / self.t_decode if self.t_decode else 0.0,
             "overrides": self.overrides,
             "tokens": self.tokens,
             "per_problem": list(self.per_problem),
@@ -132,6 +134,7 @@ def evaluate(
             m.target_calls += r.stats.model_calls.get("target", 0)
             m.mismatches += r.stats.n_mismatches
             m.overrides += r.stats.n_overrides
+            m.t_arbiter += r.stats.t_arbiter
             m.tokens += r.stats.n_generated
             m.t_decode += r.stats.t_decode
             m.drafted += r.stats.n_drafted

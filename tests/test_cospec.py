@@ -192,3 +192,30 @@ def test_eval_compares_target_draft_spec_cospec_rule_and_oracle(tmp_path, polici
     assert modes["oracle"]["correct"] > modes["target"]["correct"]
     assert modes["cospec"]["overrides"] == modes["cospec"]["mismatches"] > 0
     assert 0 < modes["spec"]["target_calls_per_token"] < 1
+
+
+def test_the_shipped_policy_loads_and_is_the_one_in_models(pair):
+    """The library's default policy is the test-world policy shipped in models/family, it carries
+    its provenance and fitted rule, and `--mode cospec` uses it without --policy."""
+    from cospec_local.arbiter import DEFAULT_POLICY
+
+    shipped = FAMILY / "policy.onnx"
+    assert DEFAULT_POLICY.read_bytes() == shipped.read_bytes()
+    policy = OnnxPolicy(DEFAULT_POLICY)
+    training = json.loads(policy.metadata["cospec.training"])
+    assert training["algorithm"] == "group-relative policy gradient"
+    assert {"cospec.rule_tau", "cospec.rule_rho"} <= set(policy.metadata)
+    out = greedy(pair, PROMPTS[-1], mode="cospec")
+    assert out.stats.n_generated > 0 and out.finish_reason == "stop"
+
+
+@pytest.mark.slow
+def test_the_default_pair_runs_cospec(default_pair_paths):
+    """The default Gemma pair (trimmed draft: draft rows read through the token map) runs
+    --mode cospec with the shipped, model-agnostic policy."""
+    draft, target = default_pair_paths
+    with load_pair(draft, target, n_ctx=512) as gemma:
+        out = gemma.generate("def quicksort(arr):", mode="cospec", temperature=0, max_tokens=48)
+        assert out.stats.n_generated == 48
+        assert out.stats.n_overrides <= out.stats.n_mismatches
+        assert set(out.sources) <= {ACCEPTED, ARBITRATED, CORRECTION}
