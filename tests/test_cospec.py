@@ -85,16 +85,26 @@ def test_arbitration_time_is_measured_and_small(pair, policies):
 
 
 def test_onnxruntime_scores_equal_the_training_forward_pass(tmp_path):
-    """The exported graph computes the training code's numpy MLP (float32 vs float64: within 1e-5)."""
+    """The exported graph computes what torch computes for the trained network (and the numpy
+    copy used in rollouts): float32 against float32 within 1e-5."""
+    import torch
+
+    from cospec_local.training import _torch_net
+
+    torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    policy = NumpyPolicy(rng.normal(size=N), rng.uniform(0.5, 2, size=N), rng.normal(size=(8, N)), rng.normal(size=8),
-                         rng.normal(size=(1, 8)), rng.normal(size=1))
-    onnx_policy = OnnxPolicy(export_onnx(policy, tmp_path / "p.onnx", {}))
+    net = _torch_net(N, 8)
+    with torch.no_grad():
+        net.mu.copy_(torch.tensor(rng.normal(size=N), dtype=torch.float32))
+        net.sd.copy_(torch.tensor(rng.uniform(0.5, 2, size=N), dtype=torch.float32))
+    onnx_policy = OnnxPolicy(export_onnx(net.numpy_policy(), tmp_path / "p.onnx", {}))
     rows = rng.normal(size=(200, N)).astype(np.float32)
     got = np.array([onnx_policy.keep_probability(r) for r in rows])
-    expected = np.array([policy.keep_probability(r.astype(np.float64)) for r in rows])
+    with torch.no_grad():
+        expected = torch.sigmoid(net.logit(torch.tensor(rows))).numpy()
     assert np.abs(got - expected).max() < 1e-5
-    assert got.std() > 0.05  # the rows really exercise the network
+    assert np.abs(got - [net.numpy_policy().keep_probability(r.astype(np.float64)) for r in rows]).max() < 1e-5
+    assert got.std() > 0.02  # the rows really exercise the network
 
 
 def test_bad_policy_files_are_refused_clearly(tmp_path):
@@ -162,6 +172,19 @@ def test_a_short_seeded_training_run_beats_its_initial_policy(pair, tmp_path):
     assert history[-1]["held_out_accuracy"] > history[0]["held_out_accuracy"]
     policy = OnnxPolicy(tmp_path / "p.onnx")
     assert json.loads(policy.metadata["cospec.training"])["algorithm"] == "group-relative policy gradient"
+
+
+def test_train_policy_on_a_jsonl_task_file(tmp_path):
+    """--tasks: problems from a file, checked by their ANSWER line, the last 20% held out."""
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n" for p in problems("count", "eval", 10, 900)))
+    out = tmp_path / "p.onnx"
+    r = CliRunner().invoke(cli, ["train-policy", "--draft", DRAFT, "--target", TARGET, "--ctx-size", "512", "--threads", "1",
+                                 "--tasks", str(tasks), "--out", str(out), "--epochs", "1", "--batches-per-epoch", "1",
+                                 "--problems-per-batch", "3", "--group-size", "2", "--no-fit-rule"])
+    assert r.exit_code == 0, r.output
+    history = json.loads(out.with_suffix(".json").read_text())["settings"]["history"]
+    assert len(history) == 2 and all(0.0 <= h["held_out_accuracy"] <= 1.0 for h in history)
 
 
 def test_train_policy_command_writes_a_policy_and_resumes(tmp_path):
