@@ -375,7 +375,7 @@ EVAL_DEFAULTS = {"temperature": 0.0, "max_tokens": 160}
 @click.option("-n", "--num-problems", default=100, show_default=True, help="Problems to run (held-out split for families).")
 @click.option("--start", default=0, show_default=True, help="Index of the first held-out problem.")
 @click.option("--modes", default="target,draft,spec", show_default=True,
-              help="Comma-separated modes to compare: decoding modes, plus rule (cospec with the fixed-threshold rule) and oracle (the arbiter that knows the answer).")
+              help="Comma-separated modes to compare: decoding modes, plus rule (cospec with the fixed-threshold rule) and oracle (knows the answer, may swap the first disagreement only).")
 @click.option("--rule", default=None, help="Thresholds TAU,RHO of the rule mode (default: those fitted with the policy).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Save the report as JSON.")
 @_handle_errors
@@ -400,6 +400,8 @@ def eval_cmd(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, dr
         if "rule" in mode_list:
             if rule:
                 rule_thresholds = parse_list(rule, float)
+                if len(rule_thresholds) != 2:
+                    raise click.UsageError("--rule takes two values: TAU,RHO")
             else:  # the thresholds fitted on training problems, stored with the policy
                 meta = pair.engine.load_policy(config.policy).metadata
                 if "cospec.rule_tau" not in meta:
@@ -451,8 +453,13 @@ def train_policy_cmd(draft, target, models, target_ngl, draft_ngl, ctx_size, thr
     families = tuple(f.strip() for f in family.split(",") if f.strip())
     for name in families:
         _problem_prompts(name, 1, 0)  # unknown family: a clear error now
-    tasks = TaskSource(items=load_jsonl_tasks(tasks_path)) if tasks_path else TaskSource(families)
-    settings = TrainSettings(families=families, epochs=epochs, batches_per_epoch=batches_per_epoch,
+    if init_supervised and not compare_supervised:
+        raise click.UsageError("--init-supervised needs --compare-supervised N (the problems to label)")
+    if tasks_path:
+        tasks, families = TaskSource(items=load_jsonl_tasks(tasks_path)), ()
+    else:
+        tasks = TaskSource(families)
+    settings = TrainSettings(families=families, tasks=str(tasks_path) if tasks_path else None, epochs=epochs, batches_per_epoch=batches_per_epoch,
                              problems_per_batch=problems_per_batch, group_size=group_size, hidden=hidden, lr=lr,
                              cost=cost, seed=seed, held_out=held_out)
     pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose)
@@ -475,8 +482,6 @@ def train_policy_cmd(draft, target, models, target_ngl, draft_ngl, ctx_size, thr
                                     "held_out_accuracy": accuracy(pair, supervised, tasks.held_out(held_out))}
             click.echo(f"supervised baseline on {len(y)} oracle labels: held-out accuracy "
                        f"{report['supervised']['held_out_accuracy']:.3f}")
-        elif init_supervised:
-            raise click.UsageError("--init-supervised needs --compare-supervised N (the problems to label)")
         report.update(train_policy(pair, out_path, settings, tasks, resume=resume, rule=rule,
                                    init=supervised if init_supervised else None))
         history = report["settings"]["history"]

@@ -9,10 +9,13 @@ already computed in the same batch (they were conditioned on that token); otherw
 token is taken as in plain SD. So a policy that always defers gives plain SD's output, and one that
 always keeps gives the draft's.
 
-Feature schema (version 1): one float32 row per mismatch, built from what the loop already has:
+Feature schema (version 2): one float32 row per mismatch, built from what the loop already has:
 the draft's distribution q and the target's p at that position (greedy: plain softmaxes), the
-draft's token x and the target's choice y. All are model-agnostic (no token identities), so one
-policy can serve other pairs.
+draft's token x and the target's choice y, and the reply's history. All are model-agnostic (no
+token identities), so one policy can serve other pairs, and none depends on where the draft's runs
+happen to be cut (the draft length adapts to timings), so greedy output is reproducible.
+Policies are trained on greedy rollouts; at temperature > 0 the features come from the processed
+(filtered, tempered) distributions, outside what they saw in training.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from .errors import CospecError
 from .sampling import sample
 from .verify import ACCEPTED, ARBITRATED, BONUS, CORRECTION, SAMPLED, RowBundle, Verdict, residual
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 # The policy shipped with the library (trained on the test-world family: `models/family/README.md`).
 DEFAULT_POLICY = Path(__file__).parent / "data" / "cospec_policy.onnx"
 
@@ -43,7 +46,7 @@ FEATURES: dict[str, str] = {
     "draft_margin": "q's top-1 minus top-2 probability",
     "target_margin": "p's top-1 minus top-2 probability",
     "target_log_rank_of_draft": "log(1 + rank of x under p): 0 when x is the target's second choice",
-    "position_in_run": "index of the mismatch in the proposed run / 8: later tokens rest on kept ones",
+    "since_mismatch": "log(1 + tokens since the previous mismatch of this reply) / 5: mismatches cluster",
     "position_in_answer": "log(1 + tokens generated so far) / 5: early and late mistakes differ",
     "recent_acceptance": "exponential average of the draft's acceptance in this reply",
 }
@@ -54,27 +57,28 @@ class PolicyError(CospecError):
     """A policy file is missing, corrupt, or does not match the feature schema."""
 
 
-def _top2(probs: np.ndarray) -> tuple[float, float]:
+def _margin(probs: np.ndarray) -> float:
+    """Top-1 minus top-2 probability (one partial sort)."""
     if len(probs) < 2:
-        return float(probs.max()), 0.0
-    a, b = np.partition(probs, -2)[-2:]
-    return float(b), float(a)
+        return float(probs.max())
+    second, first = np.partition(probs, -2)[-2:]
+    return float(first - second)
 
 
 def _entropy(probs: np.ndarray) -> float:
-    nz = probs[probs > 0]
-    return float(-(nz * np.log(nz)).sum())
+    logs = np.log(probs, out=np.zeros_like(probs), where=probs > 0)
+    return float(-np.dot(probs, logs))
 
 
-def mismatch_features(bundle: RowBundle, j: int, target_choice: int, n_generated: int, recent_acceptance: float) -> np.ndarray:
-    """The schema-1 feature row for a mismatch at position j of the bundle (proposer = slot of
-    token j, judge = the combination's single member)."""
+def mismatch_features(bundle: RowBundle, j: int, target_choice: int, position: int, since_mismatch: int,
+                      recent_acceptance: float) -> np.ndarray:
+    """The schema-2 feature row for a mismatch at position j of the bundle (proposer = slot of
+    token j, judge = the combination's single member); `position` counts the reply's tokens
+    before it, `since_mismatch` the tokens since the previous mismatch."""
     x = bundle.tokens[j]
     q_row = bundle.proposal_probs(j)
     p = bundle.combined(j)  # the target's processed (greedy: plain softmax) distribution
     q_dense = q_row.draft_probs if hasattr(q_row, "draft_probs") else q_row
-    q_top, q_second = _top2(q_dense)
-    p_top, p_second = _top2(p)
     p_x = float(p[x])
     return np.array(
         [
@@ -84,11 +88,11 @@ def mismatch_features(bundle: RowBundle, j: int, target_choice: int, n_generated
             p_x,
             _entropy(q_dense),
             _entropy(p),
-            q_top - q_second,
-            p_top - p_second,
+            _margin(q_dense),
+            _margin(p),
             math.log1p(int(np.count_nonzero(p > p_x))),
-            j / 8.0,
-            math.log1p(n_generated) / 5.0,
+            math.log1p(since_mismatch) / 5.0,
+            math.log1p(position) / 5.0,
             recent_acceptance,
         ],
         dtype=np.float32,
@@ -129,7 +133,7 @@ class OnnxPolicy:
             )
         self.feature_names = names
         self._columns = np.array([FEATURE_NAMES.index(n) for n in names])
-        # One input row and one output buffer, bound once: a call allocates nothing else.
+        # One input row and one output buffer, bound once: a call copies the features into the row.
         import onnxruntime as ort
 
         self._row = np.zeros((1, len(names)), dtype=np.float32)
@@ -137,11 +141,10 @@ class OnnxPolicy:
         self._binding = self.session.io_binding()
         self._binding.bind_cpu_input(inputs[0].name, self._row)
         self._binding.bind_output(self.session.get_outputs()[0].name, "cpu", 0, np.float32, [1, 1], self._out.ctypes.data)
-        self.threshold_hint = float(meta.get("cospec.threshold", 0.5))
 
     def keep_probability(self, features: np.ndarray) -> float:
         """P(keep the draft's token) for one schema-1 feature row."""
-        self._row[0] = features[self._columns]
+        np.take(features, self._columns, out=self._row[0])
         self.session.run_with_iobinding(self._binding)
         return float(self._out[0, 0])
 
@@ -170,10 +173,9 @@ class ConstantPolicy:
 
 @dataclass
 class Decision:
-    """One arbitration, recorded for training: the feature row, the keep probability, the choice."""
+    """One arbitration, recorded for training: the feature row and the choice."""
 
     features: np.ndarray
-    keep_probability: float
     kept: bool
 
 
@@ -192,22 +194,28 @@ class ArbitratingVerifier:
     acceptance_decay: float = 0.8
     _recent: float = 1.0
     _n_generated: int = 0
+    _last_mismatch: int = -1  # position of the reply's previous mismatch
+    _spent: float = 0.0  # seconds of features and policy scoring in the current verification
 
     def start(self) -> None:
         """Forget the previous reply's running statistics (called at the start of each reply)."""
-        self._recent, self._n_generated = 1.0, 0
+        self._recent, self._n_generated, self._last_mismatch = 1.0, 0, -1
         self.decisions = []
 
-    def _keep(self, bundle, j, choice, rng) -> tuple[bool, float]:
-        features = mismatch_features(bundle, j, choice, self._n_generated + j, self._recent)
+    def _keep(self, bundle, j, choice, rng) -> bool:
+        t0 = time.perf_counter()
+        position = self._n_generated + j
+        features = mismatch_features(bundle, j, choice, position, position - self._last_mismatch - 1, self._recent)
+        self._last_mismatch = position
         prob = self.policy.keep_probability(features)
         kept = bool(rng.random() < prob) if self.stochastic else prob > self.threshold
         if self.stochastic:
-            self.decisions.append(Decision(features, prob, kept))
-        return kept, prob
+            self.decisions.append(Decision(features, kept))
+        self._spent += time.perf_counter() - t0
+        return kept
 
     def verify(self, bundle: RowBundle, rng: np.random.Generator) -> Verdict:
-        t0 = time.perf_counter()
+        self._spent = 0.0
         kinds: list[str] = []
         mismatches = overrides = 0
         greedy = bundle.params.greedy
@@ -226,7 +234,7 @@ class ArbitratingVerifier:
                 continue
             mismatches += 1
             self._recent = self.acceptance_decay * self._recent
-            kept, _ = self._keep(bundle, j, choice, rng)
+            kept = self._keep(bundle, j, choice, rng)
             if kept:
                 overrides += 1
                 kinds.append(ARBITRATED)
@@ -243,5 +251,5 @@ class ArbitratingVerifier:
                 verdict = Verdict(t, None, BONUS, kinds)
         self._n_generated += verdict.num_accepted + (verdict.next_token is not None)
         verdict.mismatches, verdict.overrides = mismatches, overrides
-        verdict.seconds = time.perf_counter() - t0
+        verdict.seconds = self._spent
         return verdict

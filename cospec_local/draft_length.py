@@ -55,7 +55,9 @@ class AdaptiveDraftLength:
         return max(mean_t + max(slope, 0.0) * (n_rows - mean_n), 1e-6)
 
     def best_draft_length(self, k_max: int) -> int:
-        """The k in [1, k_max] with the lowest modelled time per token."""
+        """The k in [1, k_max] with the lowest modelled time per token (0 when k_max < 1)."""
+        if k_max < 1:
+            return 0
         if self.t_draft is None or self._s[0] <= 0:
             return k_max
         alpha = min(self.alpha, 0.999)

@@ -24,7 +24,9 @@ The modes, in these terms:
   cos              all members; the model with the largest gamma proposes first; every scoring call
                    appends its own sample (the bonus) to the proposal; when everything before it
                    is accepted, its owner drafts up to its gamma (two models: the Alternate
-                   Proposal Framework; n models: the paper's queue scheme).
+                   Proposal Framework; n models: the paper's queue scheme);
+  cospec           member: target; the draft proposes every token (no bonus row); at a mismatch a
+                   learned policy may keep the draft's token (`arbiter.ArbitratingVerifier`).
 
 Per-conversation state (`Conversation`) holds the context, the RNG and the draft-length policy; the
 engine holds the slots and runs one conversation at a time. A slot's cache may run ahead of the
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -90,7 +93,7 @@ class GenerationStats:
     n_overrides: int = 0  # cospec: of those, draft tokens the arbiter kept
     t_prefill: float = 0.0
     t_decode: float = 0.0
-    t_arbiter: float = 0.0  # cospec: features and policy scoring (inside t_overhead)
+    t_arbiter: float = 0.0  # cospec: computing features and scoring the policy (inside t_overhead)
     finish_reason: str = ""
 
     @property
@@ -210,7 +213,7 @@ class Engine:
         self.n_vocab = slots[self.target_index].model.n_vocab
         self._eog = set(int(t) for t in eog_ids)
         self._active: Conversation | None = None
-        self._policies: dict[str, OnnxPolicy] = {}
+        self._policies: dict[tuple, OnnxPolicy] = {}
 
     def slot(self, name: str) -> ModelSlot | None:
         i = self.index.get(name)
@@ -294,11 +297,13 @@ class Engine:
         return self._generate(list(context_tokens), config, plan, verifier, conversation)
 
     def load_policy(self, path: str | None) -> OnnxPolicy:
-        """The ONNX arbitration policy at `path` (default: the shipped one), loaded once."""
-        path = str(path or DEFAULT_POLICY)
-        if path not in self._policies:
-            self._policies[path] = OnnxPolicy(path)
-        return self._policies[path]
+        """The ONNX arbitration policy at `path` (default: the shipped one), loaded once (again
+        when the file changes)."""
+        resolved = Path(path or DEFAULT_POLICY).expanduser().resolve()
+        key = (str(resolved), resolved.stat().st_mtime_ns if resolved.is_file() else None)
+        if key not in self._policies:
+            self._policies[key] = OnnxPolicy(resolved)
+        return self._policies[key]
 
     def _check_idle(self) -> None:
         if self._active is not None:
@@ -414,7 +419,8 @@ class Engine:
                     if plan.bonus_row:  # spec's drafting-vs-target-steps comparison
                         policy.observe_cycle(k or 0, time.perf_counter() - t_round, len(emitted))
                 return emitted
-            limit = room - 1  # most pending tokens: scoring batches stay within `room`
+            # Most pending tokens: scoring batches stay within `room` (cospec needs no bonus slot).
+            limit = room - 1 if plan.bonus_row else room
             if not pending and plan.proposer is not None:
                 proposer = self._first_proposer(plan)
                 if plan.speculative:
@@ -423,8 +429,8 @@ class Engine:
                         n = cap
                     elif plan.bonus_row:  # spec: k = 0 is a plain target step
                         n = k = policy.choose(cap)
-                    else:  # cospec: the draft writes every token, so it always drafts
-                        n = policy.best_draft_length(cap)
+                    else:  # cospec: the draft writes every token (one more than spec's k), so it always drafts
+                        n = 1 + (policy.best_draft_length(cap - 1) if cap > 1 else 0)
                 else:
                     n = plan.gammas[proposer]
                 if n > 0 and limit > 0:
@@ -486,8 +492,8 @@ class Engine:
         return slot.to_shared(model_id), float(probs.max())
 
     def _score_turn(self, context, pending, proposers, limit, config, plan, policy, rng) -> None:
-        """The member with the fewest rows scores every pending token (plus the bonus row) in one
-        batch; in CoS it then proposes its own sample for the position after them."""
+        """The member with the fewest rows scores every pending token in one batch (plus the bonus
+        row after them, except in cospec); in CoS it then proposes its own sample for that row."""
         members = plan.combination.members
         i = min(members, key=lambda m: len(self.slots[m].rows))
         slot = self.slots[i]

@@ -73,9 +73,10 @@ class ModeResult:
 
 
 def oracle_correct(pair, problem, max_tokens: int) -> bool:
-    """The arbiter that knows the answer (`testworld.headroom`): right when target-only greedy is
-    right, or when keeping the draft's token at the first disagreement and continuing with the
-    target is."""
+    """The first-disagreement oracle (`testworld.headroom`), an arbiter that knows the answer but
+    may swap only once: right when target-only greedy is right, or when keeping the draft's token
+    at the first disagreement and continuing with the target is. (It is not an upper bound for a
+    policy that arbitrates at every mismatch.)"""
     from .testworld.headroom import first_disagreement, greedy_continue
     from .testworld.tasks import check
 
@@ -88,8 +89,14 @@ def oracle_correct(pair, problem, max_tokens: int) -> bool:
     if found is None:
         return False
     position, token = found
-    swapped = target_ids[:position] if token == eos else (
-        target_ids[:position] + [token] + greedy_continue(pair, prompt_ids + target_ids[:position] + [token], max_tokens - position - 1))
+    if position >= min(max_tokens, len(target_ids) + 1) or position >= max_tokens:
+        return False  # past the reply's budget: nothing left to swap
+    if token == eos:
+        swapped = target_ids[:position]
+    else:
+        forced = target_ids[:position] + [token]
+        left = max_tokens - len(forced)
+        swapped = forced + (greedy_continue(pair, prompt_ids + forced, left) if left > 0 else [])
     return check(problem.family, pair.target.detokenize(swapped), problem.answer)
 
 

@@ -56,6 +56,7 @@ class TrainSettings:
     seed: int = 0
     held_out: int = 100  # per family
     max_tokens: int = 160
+    tasks: str | None = None  # a JSONL task file instead of the families
     history: list[dict] = field(default_factory=list)
 
 
@@ -158,7 +159,8 @@ def fit_rule(pair, items: list[Problem], max_tokens: int = 160, progress: bool =
     from tqdm import tqdm
 
     grid = [(tau, rho) for tau in (0.3, 0.5, 0.7, 0.9) for rho in (0.3, 0.5, 0.7, 0.9, 1.01)]
-    best = (RulePolicy(1.1, 0.0), -1.0)  # a rule that never keeps
+    never = RulePolicy(1.1, 0.0)  # plain SD is a candidate too
+    best = (never, accuracy(pair, never, items, max_tokens=max_tokens))
     for tau, rho in tqdm(grid, desc="rule grid", disable=not progress):
         acc = accuracy(pair, RulePolicy(tau, rho), items, max_tokens=max_tokens)
         if acc > best[1]:
@@ -217,34 +219,39 @@ def train_policy(pair, out: str | Path, settings: TrainSettings, tasks: TaskSour
     net = _torch_net(len(FEATURE_NAMES), settings.hidden)
     optimizer = torch.optim.Adam(net.parameters(), lr=settings.lr)
     first_epoch = 0
-    tasks = tasks or TaskSource(settings.families)
-    held_out = tasks.held_out(settings.held_out)
-    if resume and checkpoint.exists():
+    if resume:
+        if not checkpoint.exists():
+            raise ValueError(f"--resume: no checkpoint at {checkpoint}")
         state = torch.load(checkpoint, weights_only=False)
+        saved = TrainSettings(**state["settings"])
+        saved.families = tuple(saved.families)
+        if (saved.families, saved.tasks, saved.held_out) != (settings.families, settings.tasks, settings.held_out):
+            raise ValueError("--resume: the checkpoint was trained on other tasks or validated on another set "
+                             f"(families {saved.families}, tasks {saved.tasks}, held-out {saved.held_out})")
         net.load_state_dict(state["net"])
         optimizer.load_state_dict(state["optimizer"])
-        requested_epochs = settings.epochs  # resuming may extend the run; everything else is the run's own
-        settings = TrainSettings(**state["settings"])
-        settings.families = tuple(settings.families)
-        settings.epochs = requested_epochs
+        saved.epochs = settings.epochs  # resuming may extend the run; everything else is the run's own
+        settings = saved
         first_epoch = len(settings.history)
         best = state["best"]
-    elif init is not None:
-        with torch.no_grad():
-            for name, value in (("mu", init.mu), ("sd", init.sd), ("hidden.weight", init.w1), ("hidden.bias", init.b1),
-                                ("out.weight", init.w2), ("out.bias", init.b2)):
-                net.state_dict()[name].copy_(torch.tensor(value, dtype=torch.float32))
-    else:
-        with torch.no_grad():  # start near "keep half the time", features standardised
-            net.out.bias.fill_(0.0)
-        stats_items = tasks.train_batch(np.random.default_rng([settings.seed, 0]), 16)
-        verifier = ArbitratingVerifier(net.numpy_policy(), stochastic=True)
-        rows = [d.features for p in stats_items for d in rollout(pair, p, verifier, 1, settings.max_tokens)[2]]
-        if rows:
-            feats = np.stack(rows)
-            net.mu.copy_(torch.tensor(feats.mean(0), dtype=torch.float32))
-            net.sd.copy_(torch.tensor(feats.std(0) + 1e-3, dtype=torch.float32))
-    if not (resume and checkpoint.exists()):
+    tasks = tasks or TaskSource(settings.families)
+    held_out = tasks.held_out(settings.held_out)
+    if not resume:
+        if init is not None:
+            with torch.no_grad():
+                for name, value in (("mu", init.mu), ("sd", init.sd), ("hidden.weight", init.w1),
+                                    ("hidden.bias", init.b1), ("out.weight", init.w2), ("out.bias", init.b2)):
+                    net.state_dict()[name].copy_(torch.tensor(value, dtype=torch.float32))
+        else:  # random weights, zero output bias; features standardised on a first round of rollouts
+            with torch.no_grad():
+                net.out.bias.fill_(0.0)
+            stats_items = tasks.train_batch(np.random.default_rng([settings.seed, 0]), 16)
+            verifier = ArbitratingVerifier(net.numpy_policy(), stochastic=True)
+            rows = [d.features for p in stats_items for d in rollout(pair, p, verifier, 1, settings.max_tokens)[2]]
+            if rows:
+                feats = np.stack(rows)
+                net.mu.copy_(torch.tensor(feats.mean(0), dtype=torch.float32))
+                net.sd.copy_(torch.tensor(feats.std(0) + 1e-3, dtype=torch.float32))
         settings.history = [{"epoch": 0, "held_out_accuracy": accuracy(pair, net.numpy_policy(), held_out,
                                                                             max_tokens=settings.max_tokens)}]
         first_epoch = 1
@@ -336,6 +343,9 @@ def train_supervised(x: np.ndarray, y: np.ndarray, hidden: int = 16, epochs: int
     """The same MLP fitted to oracle labels by cross-entropy (the supervised baseline)."""
     import torch
 
+    if len(y) == 0 or y.min() == y.max():
+        raise ValueError(f"the supervised baseline needs labels of both kinds; got {len(y)} labels "
+                         f"({int(y.sum()) if len(y) else 0} keep): label more problems")
     torch.manual_seed(seed)
     net = _torch_net(x.shape[1], hidden)
     with torch.no_grad():

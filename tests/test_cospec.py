@@ -242,3 +242,28 @@ def test_the_default_pair_runs_cospec(default_pair_paths):
         assert out.stats.n_generated == 48
         assert out.stats.n_overrides <= out.stats.n_mismatches
         assert set(out.sources) <= {ACCEPTED, ARBITRATED, CORRECTION}
+
+
+def test_cospec_output_does_not_depend_on_where_draft_runs_are_cut(pair):
+    """No feature depends on the run boundaries, which the adaptive draft length picks from
+    timings: greedy cospec output is the same for every draft length, adaptive or fixed."""
+    for prompt in PROMPTS[:6] + PROMPTS[-6:]:
+        outputs = {tuple(greedy(pair, prompt, mode="cospec", draft_max=k, adaptive=adaptive).tokens)
+                   for k in (1, 2, 4, 6) for adaptive in (False, True)}
+        assert len(outputs) == 1, prompt
+
+
+def test_cospec_runs_to_the_last_slot_of_the_context(tmp_path, policies):
+    """At the end of the context cospec needs no bonus slot: it fills the context and stops with
+    finish 'context' (it used to spin when one slot was left)."""
+    with load_pair(DRAFT, TARGET, n_ctx=256, n_threads=1) as small:
+        n_ctx = small.engine.n_ctx
+        prompt = small.tokenize(problems("count", "eval", 1, 5)[0].prompt)
+        prompt = (prompt * (n_ctx // len(prompt) + 1))[: n_ctx - 9]
+        for adaptive in (False, True):
+            for policy in ("keep", "defer"):
+                out = small.generate(prompt, mode="cospec", temperature=0, max_tokens=100, adaptive=adaptive,
+                                     policy=str(policies[policy]))
+                assert out.finish_reason in ("context", "stop")
+                if out.finish_reason == "context":
+                    assert len(prompt) + out.stats.n_generated == n_ctx
