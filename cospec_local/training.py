@@ -303,7 +303,9 @@ def train_policy(pair, out: str | Path, settings: TrainSettings, tasks: TaskSour
     net.load_state_dict(best["net"])
     metadata = {
         "cospec.threshold": "0.5",
-        "cospec.training": json.dumps({"algorithm": "group-relative policy gradient", **asdict(settings),
+        "cospec.training": json.dumps({"algorithm": "group-relative policy gradient",
+                                       "start": "supervised (oracle labels)" if init is not None else "random",
+                                       **asdict(settings),
                                        "exported_epoch": best["epoch"], "seconds": round(seconds, 1),
                                        "models": [str(slot.model.path.name) for slot in pair.engine.slots]}),
     }
