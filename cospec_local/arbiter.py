@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CospecError
-from .sampling import sample
-from .verify import ACCEPTED, ARBITRATED, BONUS, CORRECTION, SAMPLED, RowBundle, Verdict, residual
+from .verify import RowBundle, Verdict, verify_run
 
 SCHEMA_VERSION = "2"
 # The policy shipped with the library (trained on the test-world family: `models/family/README.md`).
@@ -196,14 +195,24 @@ class ArbitratingVerifier:
     _n_generated: int = 0
     _last_mismatch: int = -1  # position of the reply's previous mismatch
     _spent: float = 0.0  # seconds of features and policy scoring in the current verification
+    _seen: int = 0  # bundle positions already folded into the recent acceptance
 
     def start(self) -> None:
         """Forget the previous reply's running statistics (called at the start of each reply)."""
         self._recent, self._n_generated, self._last_mismatch = 1.0, 0, -1
         self.decisions = []
 
+    def _fold_agreements(self, upto: int) -> None:
+        """Count the agreeing tokens at bundle positions _seen..upto-1 in the recent acceptance."""
+        for _ in range(upto - self._seen):
+            self._recent = self.acceptance_decay * self._recent + (1 - self.acceptance_decay)
+        self._seen = max(self._seen, upto)
+
     def _keep(self, bundle, j, choice, rng) -> bool:
         t0 = time.perf_counter()
+        self._fold_agreements(j)
+        self._recent = self.acceptance_decay * self._recent  # this mismatch
+        self._seen = j + 1
         position = self._n_generated + j
         features = mismatch_features(bundle, j, choice, position, position - self._last_mismatch - 1, self._recent)
         self._last_mismatch = position
@@ -215,41 +224,9 @@ class ArbitratingVerifier:
         return kept
 
     def verify(self, bundle: RowBundle, rng: np.random.Generator) -> Verdict:
-        self._spent = 0.0
-        kinds: list[str] = []
-        mismatches = overrides = 0
-        greedy = bundle.params.greedy
-        verdict = None
-        for j, token in enumerate(bundle.tokens):
-            if greedy:
-                choice = bundle.combined_argmax(j)
-                agrees = choice == token
-            else:
-                r, q = bundle.combined(j), bundle.proposal_probs(j)
-                agrees = rng.random() * q[token] <= r[token]
-                choice = int(np.argmax(r))  # the target's own pick, for the features
-            if agrees:
-                kinds.append(ACCEPTED)
-                self._recent = self.acceptance_decay * self._recent + (1 - self.acceptance_decay)
-                continue
-            mismatches += 1
-            self._recent = self.acceptance_decay * self._recent
-            kept = self._keep(bundle, j, choice, rng)
-            if kept:
-                overrides += 1
-                kinds.append(ARBITRATED)
-                continue
-            correction = choice if greedy else sample(residual(bundle.combined(j), bundle.proposal_probs(j)), rng)
-            verdict = Verdict(j, correction, CORRECTION, kinds)
-            break
-        if verdict is None:
-            t = len(bundle.tokens)
-            if bundle.has_bonus_row:
-                bonus = bundle.combined_argmax(t) if greedy else bundle.sample_combined(t, rng)
-                verdict = Verdict(t, bonus, BONUS if t else SAMPLED, kinds)
-            else:
-                verdict = Verdict(t, None, BONUS, kinds)
+        self._spent, self._seen = 0.0, 0
+        verdict = verify_run(bundle, rng, lambda j, choice: self._keep(bundle, j, choice, rng))
+        self._fold_agreements(verdict.num_accepted)
         self._n_generated += verdict.num_accepted + (verdict.next_token is not None)
-        verdict.mismatches, verdict.overrides = mismatches, overrides
         verdict.seconds = self._spent
         return verdict

@@ -89,8 +89,8 @@ class GenerationStats:
     draft_lengths: list[int] = field(default_factory=list)  # per cycle: proposed tokens verified
     model_calls: dict[str, int] = field(default_factory=dict)  # llama.cpp calls with logits, per slot
     t_models: dict[str, float] = field(default_factory=dict)  # seconds in llama.cpp, per slot
-    n_mismatches: int = 0  # cospec: proposed tokens the target disagreed with
-    n_overrides: int = 0  # cospec: of those, draft tokens the arbiter kept
+    n_mismatches: int = 0  # proposed tokens verification rejected (before any arbiter)
+    n_overrides: int = 0  # cospec: of those, proposed tokens the arbiter kept
     t_prefill: float = 0.0
     t_decode: float = 0.0
     t_arbiter: float = 0.0  # cospec: computing features and scoring the policy (inside t_overhead)

@@ -108,7 +108,7 @@ class Verdict:
     next_kind: str
     # Provenance of each accepted token; defaults to ACCEPTED for all of them.
     accepted_kinds: list[str] = field(default_factory=list)
-    # An arbitrating verifier's bookkeeping: mismatches met, draft tokens kept there, seconds spent.
+    # Mismatches met (rejections), proposed tokens an arbiter kept there, seconds it spent.
     mismatches: int = 0
     overrides: int = 0
     seconds: float = 0.0
@@ -124,19 +124,6 @@ class Verifier(Protocol):
     def verify(self, bundle: RowBundle, rng: np.random.Generator) -> Verdict: ...
 
 
-def verify_greedy(tokens: list[int], choose: Callable[[int], int], has_bonus_row: bool) -> Verdict:
-    """Accept while the greedy choice of r equals the proposed token; the first mismatch is replaced
-    by that choice; if all match, the bonus is the choice at the next position (when scored)."""
-    for j, token in enumerate(tokens):
-        choice = choose(j)
-        if choice != token:
-            return Verdict(j, choice, CORRECTION)
-    kind = BONUS if tokens else SAMPLED
-    if has_bonus_row:
-        return Verdict(len(tokens), choose(len(tokens)), kind)
-    return Verdict(len(tokens), None, kind)
-
-
 def residual(target_probs: np.ndarray, proposal_probs) -> np.ndarray:
     """norm(max(0, r - q)) up to normalisation; `r` itself when r == q up to rounding."""
     if isinstance(proposal_probs, np.ndarray):
@@ -146,37 +133,52 @@ def residual(target_probs: np.ndarray, proposal_probs) -> np.ndarray:
     return out if out.sum() > 0.0 else target_probs
 
 
-def verify_rejection(bundle: RowBundle, rng: np.random.Generator) -> Verdict:
-    """Speculative sampling (Leviathan et al. 2023) against r: accept x_j with probability
-    min(1, r_j(x_j) / q_j(x_j)); on the first rejection draw from norm(max(0, r_j - q_j)); if all
-    are accepted and position t is scored, draw a bonus from r_t. The output follows r exactly."""
+def verify_run(bundle: RowBundle, rng: np.random.Generator, arbitrate: Callable[[int, int], bool] | None = None) -> Verdict:
+    """Verify the bundle's proposed tokens against r, in order.
+
+    Greedy: x_j is accepted when it is r_j's argmax. Sampled (Leviathan et al. 2023): accepted with
+    probability min(1, r_j(x_j) / q_j(x_j)). At the first mismatch, `arbitrate(j, choice)` (CoSpec;
+    `choice` = argmax r_j) may keep x_j and go on; otherwise the next token is the correction:
+    argmax r_j, or a draw from norm(max(0, r_j - q_j)). When every token is kept and position t is
+    scored, a bonus comes from r_t. Without an arbiter the output follows r exactly.
+    """
+    greedy = bundle.params.greedy
+    kinds: list[str] = []
+    mismatches = 0
     for j, token in enumerate(bundle.tokens):
-        r = bundle.combined(j)
-        q = bundle.proposal_probs(j)
-        # q[token] > 0 always: the proposer sampled it from q.
-        if rng.random() * q[token] <= r[token]:
+        if greedy:
+            choice = bundle.combined_argmax(j)
+            if choice == token:
+                kinds.append(ACCEPTED)
+                continue
+        else:
+            r, q = bundle.combined(j), bundle.proposal_probs(j)
+            # q[token] > 0 always: the proposer sampled it from q.
+            if rng.random() * q[token] <= r[token]:
+                kinds.append(ACCEPTED)
+                continue
+            choice = int(np.argmax(r)) if arbitrate is not None else -1
+        mismatches += 1
+        if arbitrate is not None and arbitrate(j, choice):
+            kinds.append(ARBITRATED)
             continue
-        return Verdict(j, sample(residual(r, q), rng), CORRECTION)
+        correction = choice if greedy else sample(residual(r, q), rng)
+        return Verdict(j, correction, CORRECTION, kinds, mismatches, mismatches - 1)
     t = len(bundle.tokens)
     kind = BONUS if t else SAMPLED
+    bonus = None
     if bundle.has_bonus_row:
-        return Verdict(t, bundle.sample_combined(t, rng), kind)
-    return Verdict(t, None, kind)
+        bonus = bundle.combined_argmax(t) if greedy else bundle.sample_combined(t, rng)
+    return Verdict(t, bonus, kind, kinds, mismatches, mismatches)
 
 
-class GreedyVerifier:
-    """Output token-for-token equal to greedy decoding of r (target-only greedy for `spec`)."""
-
-    def verify(self, bundle: RowBundle, rng) -> Verdict:
-        return verify_greedy(bundle.tokens, bundle.combined_argmax, bundle.has_bonus_row)
-
-
-class RejectionVerifier:
-    """Output distributed exactly as sampling from r with the same `SamplingParams`."""
+class StandardVerifier:
+    """Greedy: output token-for-token equal to greedy decoding of r (target-only greedy for
+    `spec`); sampled: output distributed exactly as sampling from r with the same settings."""
 
     def verify(self, bundle: RowBundle, rng) -> Verdict:
-        return verify_rejection(bundle, rng)
+        return verify_run(bundle, rng)
 
 
 def default_verifier(params: SamplingParams) -> Verifier:
-    return GreedyVerifier() if params.greedy else RejectionVerifier()
+    return StandardVerifier()

@@ -322,7 +322,7 @@ class RecordingGreedyVerifier:
         self.target_argmax_matches = []  # the target's raw logits row gives the greedy choice
 
     def verify(self, bundle, rng):
-        from cospec_local.verify import GreedyVerifier
+        from cospec_local.verify import StandardVerifier
 
         draft, target = bundle.slots[0], bundle.slots[1]
         assert (draft.name, target.name) == ("draft", "target")
@@ -332,7 +332,7 @@ class RecordingGreedyVerifier:
             self.seen.append((token, row[token], float(dense.max()), float(dense.sum())))
         for j in range(bundle.n_positions):
             self.target_argmax_matches.append(int(np.argmax(bundle.logits(1, j))) == bundle.combined_argmax(j))
-        return GreedyVerifier().verify(bundle, rng)
+        return StandardVerifier().verify(bundle, rng)
 
 
 @pytest.mark.parametrize("trimmed", [False, True])

@@ -5,7 +5,7 @@ import pytest
 
 from cospec_local.combine import Single
 from cospec_local.sampling import SamplingParams
-from cospec_local.verify import ACCEPTED, BONUS, CORRECTION, RowBundle, verify_greedy, verify_rejection
+from cospec_local.verify import ACCEPTED, BONUS, CORRECTION, RowBundle, verify_run
 from stats_util import assert_matches, chi2_critical
 
 
@@ -22,16 +22,26 @@ class RowsOnly:
         return model_id
 
 
-def bundle(tokens, draft_probs, target_probs):
+def bundle(tokens, draft_probs, target_probs, temperature=1.0):
     """Slot 0 proposed `tokens` from `draft_probs`; slot 1 (the target) scored len(target_probs) rows.
     Rows are log-probabilities, so the processed distribution at temperature 1 is the row itself."""
     slots = [RowsOnly(np.log(draft_probs)), RowsOnly(np.log(target_probs))]
-    return RowBundle(slots, Single(1), SamplingParams(temperature=1.0), list(tokens), [0] * len(tokens),
+    return RowBundle(slots, Single(1), SamplingParams(temperature=temperature), list(tokens), [0] * len(tokens),
                      len(target_probs), len(target_probs[0]))
 
 
+def verify_rejection(b, rng):
+    return verify_run(b, rng)
+
+
 def greedy_verdict(tokens, target_logits):
-    return verify_greedy(tokens, lambda j: int(np.argmax(target_logits[j])), len(target_logits) > len(tokens))
+    """Greedy verification of `tokens` against rows of target logits (the draft's rows unused)."""
+    target_logits = np.asarray(target_logits, dtype=np.float64)
+    draft = np.full((max(len(tokens), 1), target_logits.shape[1]), 1.0 / target_logits.shape[1])
+    slots = [RowsOnly(np.log(draft)), RowsOnly(target_logits)]
+    b = RowBundle(slots, Single(1), SamplingParams(temperature=0.0), list(tokens), [0] * len(tokens),
+                  len(target_logits), target_logits.shape[1])
+    return verify_run(b, np.random.default_rng(0))
 
 
 def onehot_logits(ids, n=6):
@@ -117,3 +127,24 @@ def test_chi2_helper_rejects_a_wrong_distribution():
     with pytest.raises(AssertionError):
         assert_matches(np.array([500, 300, 200]), np.array([0.2, 0.3, 0.5]))
     assert 20 < chi2_critical(5) < 22  # true value 20.52
+
+
+def test_an_arbiter_keeps_mismatching_tokens_and_verification_goes_on():
+    """The CoSpec hook: at each mismatch the arbiter is asked (with the greedy choice); a kept token
+    is ARBITRATED and the next one is still verified; a refusal ends the run with the correction."""
+    from cospec_local.verify import ARBITRATED
+
+    logits = onehot_logits([1, 5, 3, 0, 4])
+    asked = []
+
+    def keep_first(j, choice):
+        asked.append((j, choice))
+        return len(asked) == 1
+
+    b = bundle([1, 2, 3, 4], np.full((4, 6), 1 / 6), np.exp(logits) / np.exp(logits).sum(1, keepdims=True), temperature=0.0)
+    b.slots[1].rows = list(logits)
+    v = verify_run(b, np.random.default_rng(0), keep_first)
+    assert asked == [(1, 5), (3, 0)]
+    assert (v.num_accepted, v.next_token, v.next_kind) == (3, 0, CORRECTION)
+    assert v.accepted_kinds == [ACCEPTED, ARBITRATED, ACCEPTED]
+    assert (v.mismatches, v.overrides) == (2, 1)
