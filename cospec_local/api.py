@@ -69,30 +69,55 @@ class Pair:
         self.draft = None
         self.extra: list[LlamaModel] = []
         self.report: PairReport | None = None
-        slots = []
+        self.extra_reports: list[PairReport] = []
         try:
             if draft_path is not None:
                 self.draft = LlamaModel(draft_path, LoadOptions(n_ctx, draft_threads or n_threads, draft_ngl, verbose=verbose))
                 self.report = check_pair(self.draft, self.target)
-                slots.append(ModelSlot("draft", self.draft, self.report.token_map))
-            slots.append(ModelSlot("target", self.target))
-            for i, path in enumerate(models, start=1):
+            for path in models:
                 model = LlamaModel(path, LoadOptions(n_ctx, n_threads, target_ngl, verbose=verbose))
                 self.extra.append(model)
-                report = check_pair(model, self.target)
-                slots.append(ModelSlot(f"model{i}", model, report.token_map))
+                self.extra_reports.append(check_pair(model, self.target))
         except Exception:
             self.close()
             raise
-        self.engine = Engine(slots, self.target.eog_ids())
+        self._assemble()
+
+    def _assemble(self, eog_ids=None) -> None:
+        slots = []
+        if self.draft is not None:
+            slots.append(ModelSlot("draft", self.draft, self.report.token_map))
+        slots.append(ModelSlot("target", self.target))
+        for i, (model, report) in enumerate(zip(self.extra, self.extra_reports), start=1):
+            slots.append(ModelSlot(f"model{i}", model, report.token_map))
+        self.engine = Engine(slots, self.target.eog_ids() if eog_ids is None else eog_ids)
         # The conversation of plain generate/stream calls: consecutive calls reuse its cache and
         # its learned draft length. Chats have their own (`chat()`).
         self.conversation = self.engine.new_conversation()
 
+    def replica(self, n_threads: int | None = None, draft_threads: int | None = None) -> "Pair":
+        """Another Pair on the SAME loaded weights with its own llama.cpp contexts (own KV caches,
+        own engine): a second conversation can decode in parallel, on another thread, at the cost
+        of the KV caches only. Close it before the Pair it came from."""
+        twin = object.__new__(Pair)
+        twin.report, twin.extra_reports = self.report, self.extra_reports
+        twin.target, twin.draft, twin.extra = None, None, []
+        try:
+            twin.target = self.target.new_context(n_threads)
+            if self.draft is not None:
+                twin.draft = self.draft.new_context(draft_threads or n_threads)
+            for model in self.extra:
+                twin.extra.append(model.new_context(n_threads))
+        except Exception:
+            twin.close()
+            raise
+        twin._assemble(sorted(self.engine._eog))
+        return twin
+
     def close(self) -> None:
         """Free every model."""
         for model in (*self.extra, self.draft, self.target):
-            if model is not None:
+            if model is not None:  # a replica may have failed part-way
                 model.close()
 
     def __enter__(self):

@@ -102,23 +102,45 @@ class LoadOptions:
     flash_attn: bool | None = False
 
 
-class LlamaModel:
-    """One GGUF model with its own llama.cpp context holding a single sequence."""
+class _Weights:
+    """One loaded llama_model (the weights), shared by every context made from it. Freed when the
+    last context using it closes."""
 
-    def __init__(self, path: str | os.PathLike, options: LoadOptions = LoadOptions()):
+    def __init__(self, lib, path: Path, options: LoadOptions):
+        params = lib.llama_model_default_params()
+        params.n_gpu_layers = options.n_gpu_layers
+        params.use_extra_bufts = options.repack_weights
+        self.lib = lib
+        self.ptr = lib.llama_model_load_from_file(str(path).encode(), params)
+        if not self.ptr:
+            raise ModelLoadError(f"llama.cpp could not load {path} (run with --verbose for its log)")
+        self.users = 0
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users <= 0 and self.ptr:
+            self.lib.llama_model_free(self.ptr)
+            self.ptr = None
+
+
+class LlamaModel:
+    """One GGUF model with its own llama.cpp context holding a single sequence.
+
+    `LlamaModel(path, options)` loads the weights; `model.new_context()` makes another context on
+    the SAME weights (one copy in memory), for parallel conversations.
+    """
+
+    def __init__(self, path: str | os.PathLike, options: LoadOptions = LoadOptions(), *, _weights: "_Weights | None" = None):
         import llama_cpp
 
         self._lib = llama_cpp
-        self.path = check_gguf_file(path)
+        self.path = check_gguf_file(path) if _weights is None else Path(path)
         self.options = options
         _init_backend(options.verbose)
-
-        model_params = llama_cpp.llama_model_default_params()
-        model_params.n_gpu_layers = options.n_gpu_layers
-        model_params.use_extra_bufts = options.repack_weights
-        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_params)
-        if not self._model:
-            raise ModelLoadError(f"llama.cpp could not load {self.path} (run with --verbose for its log)")
+        self._ctx = None
+        self._weights = _weights or _Weights(llama_cpp, self.path, options)
+        self._weights.users += 1
+        self._model = self._weights.ptr
 
         n_threads = options.n_threads or default_threads()
         ctx_params = llama_cpp.llama_context_default_params()
@@ -137,7 +159,7 @@ class LlamaModel:
             )
         self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
         if not self._ctx:
-            llama_cpp.llama_model_free(self._model)
+            self._weights.release()
             self._model = None
             raise ModelLoadError(f"llama.cpp could not create a context of {options.n_ctx} tokens for {self.path}")
         self._mem = llama_cpp.llama_get_memory(self._ctx)
@@ -166,16 +188,25 @@ class LlamaModel:
         self._piece_cache: dict[int, bytes] = {}
         self.metadata = self._read_metadata()
 
+    def new_context(self, n_threads: int | None = None) -> "LlamaModel":
+        """Another context (own KV cache, own sequence) on these same weights: no second copy of
+        the model in memory. `n_threads` defaults to this context's."""
+        from dataclasses import replace
+
+        options = replace(self.options, n_threads=n_threads or self.n_threads)
+        return LlamaModel(self.path, options, _weights=self._weights)
+
     # -- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:
-        """Free the context, batch and model (safe to call twice)."""
+        """Free the context and batch, and the weights once no other context uses them (safe to
+        call twice)."""
         lib = self._lib
         if getattr(self, "_ctx", None):
             lib.llama_batch_free(self._batch)
             lib.llama_free(self._ctx)
             self._ctx = None
         if getattr(self, "_model", None):
-            lib.llama_model_free(self._model)
+            self._weights.release()
             self._model = None
 
     def __del__(self):
