@@ -32,7 +32,7 @@ test: setup
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(VENV)/.llama-cpp-$(WHEEL_KEY)
-	$(PY) -m pip install -q -e '.[test,train,plot]'
+	$(PY) -m pip install -q -e '.[test,train,plot,server]'
 	$(PY) -c "import cospec_local; print('default pair:', cospec_local.default_pair())"
 	touch $@
 

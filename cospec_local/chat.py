@@ -6,12 +6,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-FALLBACK_STOP = ("\nUser:",)
+# A base model continues a transcript past its own turn: it writes the next "User:" line, or another
+# "Assistant:" line, and so on until max_tokens. Every turn marker ends the reply (never shown).
+FALLBACK_STOP = ("\nUser:", "\nAssistant:")
+# Base models carry no notion of an assistant; a line saying what the transcript is makes small ones
+# answer the question instead of echoing it (Gemma 3 270M: "Write a very long essay about ..." was
+# repeated verbatim without it; with it, a short on-topic reply).
+FALLBACK_PREAMBLE = (
+    "A conversation between a User and a helpful Assistant. "
+    "The Assistant answers each question directly, in a few clear sentences, and stays on topic.\n\n"
+)
 
 
 def render_fallback(messages: list[dict], add_generation_prompt: bool) -> str:
-    """A transcript that base models continue sensibly: 'User: ...\\nAssistant: ...'."""
-    parts = []
+    """A transcript that base models continue sensibly: a preamble, then 'User: ...\\nAssistant: ...'
+    (a system message follows the preamble)."""
+    parts = [FALLBACK_PREAMBLE]
     for m in messages:
         role, content = m["role"], m["content"]
         if role == "system":

@@ -127,3 +127,57 @@ def run(engine: Engine, prompt, config, conversation=None):
     done = events[-1]
     assert isinstance(done, DoneEvent)
     return collect(events), tokens, done
+
+
+class ScriptedModel(FakeModel):
+    """A character-level model that, after the last 'Assistant:' of its context, writes `script`
+    one character per token (whatever the prompt says), then end-of-sequence. Token i is the
+    character chr(i) for i < 128; EOS is token 128. Enough of LlamaModel for `api.ChatSession`."""
+
+    EOS = 128
+    MARKER = "Assistant:"
+
+    def __init__(self, script: str):
+        super().__init__(seed=0, n_vocab=129, n_ctx=4096, eog=(self.EOS,))
+        self.script = script
+        self.chat_template = None  # a base model: the chat uses the fallback transcript
+        self.eos_id = self.EOS
+        self.add_bos = False
+
+    def logits_after(self, prefix) -> np.ndarray:
+        text = "".join(chr(t) for t in prefix if t < 128)
+        row = np.zeros(self.n_vocab, dtype=np.float32)
+        # The reply so far: the text after the last marker that the script can have written.
+        written = None
+        at = text.rfind(self.MARKER)
+        while at >= 0:
+            candidate = text[at + len(self.MARKER) :]
+            if self.script.startswith(candidate):
+                written = candidate
+                break
+            at = text.rfind(self.MARKER, 0, at)
+        if written is None or len(written) >= len(self.script):
+            row[self.EOS] = 10.0
+        else:
+            row[ord(self.script[len(written)])] = 10.0
+        return row
+
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
+        return [ord(c) for c in text]
+
+    def token_bytes(self, token: int) -> bytes:
+        return chr(token).encode() if token < 128 else b""
+
+    def token_text(self, token: int) -> str:
+        return "</s>" if token == self.EOS else chr(token)
+
+
+class ScriptedPair:
+    """A `ScriptedModel` as the target of a one-model Pair (what `api.ChatSession` needs)."""
+
+    def __init__(self, script: str):
+        self.target = ScriptedModel(script)
+        self.engine = Engine([ModelSlot("target", self.target)], eog_ids=[ScriptedModel.EOS])
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        return self.target.tokenize(text)

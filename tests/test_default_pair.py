@@ -131,3 +131,22 @@ def test_trimmed_draft_is_measurably_cheaper_per_call(default_pair_paths):
                     times[name].append(elapsed)
     ratio = statistics.median(times["draft"]) / statistics.median(times["target"])
     assert ratio < 0.75, f"draft/target cost per call = {ratio:.2f}"
+
+
+def test_chat_replies_of_the_base_model_stop_at_turn_markers(pair):
+    """Gemma 3 270M is a base model (no chat template): the fallback transcript with its preamble
+    must give short replies that never contain a turn marker, over a multi-turn conversation whose
+    user turns are fixed in advance (before the preamble and the stops, the first reply repeated
+    the request as "Assistant: Write a very long essay ..." until max_tokens)."""
+    chat = pair.chat()
+    assert "fallback" in chat.template.name
+    turns = ["Write a very long essay about the history of the Roman empire", "What is the capital of France?",
+             "Thanks! And of Italy?"]
+    for turn in turns:
+        reply = chat.say(turn, temperature=0, max_tokens=150, mode="spec")
+        assert reply.text.strip()
+        for marker in ("User:", "Assistant:"):
+            assert marker not in reply.text
+        assert turn not in reply.text  # not an echo of the request
+        assert reply.finish_reason == "stop"  # ended at a marker or EOS, not at max_tokens
+    assert len(chat.messages) == 2 * len(turns)

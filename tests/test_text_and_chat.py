@@ -4,7 +4,7 @@ import jinja2
 import pytest
 
 from cospec_local import load_pair
-from cospec_local.chat import FALLBACK_STOP, ChatTemplate
+from cospec_local.chat import FALLBACK_PREAMBLE, FALLBACK_STOP, ChatTemplate
 from cospec_local.text import TextStream
 from gguf_util import copy_gguf_with
 
@@ -191,14 +191,15 @@ def test_template_raise_exception_raises_a_template_error():
 
 
 def test_fallback_template_is_a_user_assistant_transcript():
-    """Without a template (base models) the chat is a plain transcript that stops at the next
-    'User:' line."""
+    """Without a template (base models) the chat is a plain transcript after a preamble that sets
+    up the assistant role; replies stop at the next turn marker of either side."""
     template = ChatTemplate.for_model(None)
-    assert template.render(MESSAGES, True) == (
+    assert template.render(MESSAGES, True) == FALLBACK_PREAMBLE + (
         "be brief.\n\nUser: hi\nAssistant: hello.\nUser: how are you?\nAssistant:"
     )
-    assert template.render(MESSAGES[1:2], False) == "User: hi\n"
-    assert template.stop == FALLBACK_STOP == ("\nUser:",)
+    assert template.render(MESSAGES[1:2], False) == FALLBACK_PREAMBLE + "User: hi\n"
+    assert FALLBACK_PREAMBLE.rstrip().endswith("stays on topic.")
+    assert template.stop == FALLBACK_STOP == ("\nUser:", "\nAssistant:")
     assert "fallback" in template.name
     assert ChatTemplate.for_model("").name == template.name  # an empty template counts as none
 
@@ -235,3 +236,37 @@ def test_chat_uses_the_template_stored_in_the_gguf(templated_target, tiny_target
     with load_pair(None, tiny_target, n_ctx=512, n_threads=1) as plain:
         assert plain.target.chat_template is None
         assert plain.chat().template.stop == FALLBACK_STOP
+
+
+# -- the fallback transcript stops at turn markers ------------------------------------------------
+
+
+@pytest.mark.parametrize("marker", ["\nUser:", "\nAssistant:"])
+def test_fallback_chat_stops_at_a_turn_marker_and_never_shows_it(marker):
+    """A base model that goes on to write the next turn itself: the reply ends right before the
+    marker, the marker's text is never streamed, and the next turn still works."""
+    from fake_backend import ScriptedPair
+
+    from cospec_local.api import ChatSession
+
+    script = f" Paris is the capital.{marker} And what about Spain? Madrid."
+    session = ChatSession(ScriptedPair(script))
+    events = list(session.send("What is the capital of France?", temperature=0, max_tokens=200, mode="target"))
+    shown = "".join(e.text for e in events if hasattr(e, "token"))
+    assert shown == " Paris is the capital."
+    assert events[-1].finish_reason == "stop"
+    assert events[-1].stats.n_generated < len(script)  # stopped at the marker, not at max_tokens or EOS
+    assert session.messages[-1] == {"role": "assistant", "content": "Paris is the capital."}
+    second = session.say("And Spain?", temperature=0, max_tokens=200, mode="target")
+    assert second.text == " Paris is the capital."  # the script again: the session is usable
+
+
+def test_fallback_chat_reply_without_a_marker_runs_to_eos():
+    """The stop strings cut only at markers: a reply that mentions 'User' mid-line is kept whole."""
+    from fake_backend import ScriptedPair
+
+    from cospec_local.api import ChatSession
+
+    script = " The User: field is optional."
+    reply = ChatSession(ScriptedPair(script)).say("What is optional?", temperature=0, max_tokens=200, mode="target")
+    assert reply.text == script and reply.finish_reason == "stop"
