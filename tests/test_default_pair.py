@@ -150,3 +150,26 @@ def test_chat_replies_of_the_base_model_stop_at_turn_markers(pair):
         assert turn not in reply.text  # not an echo of the request
         assert reply.finish_reason == "stop"  # ended at a marker or EOS, not at max_tokens
     assert len(chat.messages) == 2 * len(turns)
+
+
+@pytest.mark.parametrize("exact_prefill", [True, False])
+def test_a_reused_cache_equals_a_fresh_one_only_with_exact_prefill(default_pair_paths, exact_prefill):
+    """The next-token logits after a context must not depend on how the cache was filled (all at
+    once, or a prompt and then a reply decoded token by token, as a chat's next turn or a server
+    slot reuses them). With
+    prefill batches of at most `exact_batch` tokens they are bit-identical; with llama.cpp's large
+    prefill batches they are not on this CPU build (which is why exact prefill is the default)."""
+    _, target = default_pair_paths
+    tokens = None
+    with LlamaModel(target, LoadOptions(n_ctx=512, n_threads=2, exact_prefill=exact_prefill)) as m:
+        tokens = m.tokenize("A conversation between a User and an Assistant.\n\nUser: Tell me one fact about "
+                            "the number 17, and why it matters to mathematicians.\nAssistant:")
+        assert len(tokens) > 3 * m.exact_batch
+        m.eval(tokens[:-1], 0)
+        fresh = m.eval(tokens[-1:], 1)[0].copy()
+        m.reset()
+        m.eval(tokens[:20], 0)  # a cached prompt...
+        for token in tokens[20:-1]:  # ...and a reply decoded one token at a time
+            m.eval([token], 0)
+        reused = m.eval(tokens[-1:], 1)[0].copy()
+    assert np.array_equal(fresh, reused) == exact_prefill
