@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import re
 import threading
 import time
 import uuid
@@ -328,8 +329,13 @@ def build_config(body: _GenerationFields, defaults: GenerationConfig, max_tokens
     try:
         return defaults.with_(**changes)
     except ValueError as e:
-        param = next((name for name in ("mode", "combine", "weights", "threshold", "mu", "gamma") if name in str(e)), None)
-        raise ApiError(400, str(e), param) from None
+        raise ApiError(400, str(e), _param_named_in(str(e))) from None
+
+
+def _param_named_in(message: str) -> str | None:
+    """The request field a config error is about (the most specific name it mentions)."""
+    return next((name for name in ("weights", "gamma", "combine", "threshold", "mu", "draft_max", "top_k", "top_p",
+                                   "min_p", "temperature", "max_tokens", "mode") if re.search(rf"\b{name}\b", message)), None)
 
 
 def create_app(pairs: list[Pair], settings: ServerSettings) -> FastAPI:
@@ -406,7 +412,7 @@ def create_app(pairs: list[Pair], settings: ServerSettings) -> FastAPI:
         try:
             engine.plan(config)
         except ValueError as e:
-            raise ApiError(400, str(e), "mode") from None
+            raise ApiError(400, str(e), _param_named_in(str(e)) or "mode") from None
         if not tokens:
             raise ApiError(400, "the prompt is empty", param)
         if len(tokens) >= engine.n_ctx:

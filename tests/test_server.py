@@ -1,0 +1,255 @@
+"""`cospec-local serve`, through the official `openai` client and raw HTTP, on a server the tests
+start on a free loopback port (a subprocess, stopped with Ctrl-C as a user would)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import openai
+import pytest
+
+from cospec_local.chat import FALLBACK_STOP, ChatTemplate
+from cospec_local.testworld.tasks import problems
+from server_load import FAMILY_MODELS, ROOT, ServerProcess, client, stream_chats, task_conversations
+
+CTX = 512
+PROMPTS = [problems("add", "eval", 1)[0].prompt, problems("count", "eval", 1)[0].prompt]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerProcess(*FAMILY_MODELS, "--ctx-size", CTX, "--parallel", 4) as s:
+        yield s
+
+
+def generate_cli(prompt: str, mode: str, max_tokens: int, stop=()) -> str:
+    """What `cospec-local generate --temperature 0` prints for `prompt` (its JSON text)."""
+    args = [sys.executable, "-m", "cli.main", "generate", prompt, *FAMILY_MODELS, "--ctx-size", str(CTX),
+            "--threads", "1", "--mode", mode, "--temperature", "0", "--max-tokens", str(max_tokens), "--json"]
+    for s in stop:
+        args += ["--stop", s]
+    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)["text"]
+
+
+# -- the openai client against `generate` ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["target", "spec", "cospec", "cos"])
+def test_completions_equal_generate(server, mode):
+    """Completions, streamed and not, at temperature 0: the text `cospec-local generate` prints for
+    the same prompt and mode; usage counts the tokens."""
+    c = client(server)
+    prompt = PROMPTS[0]
+    reference = generate_cli(prompt, mode, 48)
+    full = c.completions.create(model="x", prompt=prompt, max_tokens=48, temperature=0, extra_body={"mode": mode})
+    assert full.choices[0].text == reference
+    assert full.usage.completion_tokens > 0
+    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+    chunks = list(c.completions.create(model="x", prompt=prompt, max_tokens=48, temperature=0, stream=True, extra_body={"mode": mode}))
+    assert "".join(ch.choices[0].text for ch in chunks) == reference
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert full.model_extra["cospec"]["mode"] == mode
+
+
+@pytest.mark.parametrize("mode", ["spec", "target"])
+def test_chat_completions_equal_generate_on_the_rendered_conversation(server, mode):
+    """A chat completion is `generate` on the fallback transcript with its turn-marker stops."""
+    c = client(server)
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+    rendered = ChatTemplate.for_model(None).render(messages, True)
+    reference = generate_cli(rendered, mode, 40, FALLBACK_STOP)
+    full = c.chat.completions.create(model="x", messages=messages, max_tokens=40, temperature=0, extra_body={"mode": mode})
+    assert full.choices[0].message.role == "assistant"
+    assert full.choices[0].message.content == reference.strip()
+    stream = c.chat.completions.create(model="x", messages=messages, max_tokens=40, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}, extra_body={"mode": mode})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == reference.lstrip()
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert "User:" not in full.choices[0].message.content
+
+
+def test_models_health_and_metrics(server):
+    c = client(server)
+    assert [m.id for m in c.models.list().data] == ["target"]
+    status, health = server.get("/health")
+    assert status == 200 and health["slots"] == 4
+    before = server.metrics()
+    done = c.completions.create(model="x", prompt=PROMPTS[1], max_tokens=20, temperature=0, extra_body={"mode": "spec"})
+    after = server.metrics()
+    ok = 'cospec_requests_total{endpoint="/v1/completions",status="200"}'
+    assert after[ok] == before.get(ok, 0) + 1
+    assert after["cospec_generated_tokens_total"] - before["cospec_generated_tokens_total"] == done.usage.completion_tokens
+    assert after["cospec_prompt_tokens_total"] - before["cospec_prompt_tokens_total"] == done.usage.prompt_tokens
+    assert after["cospec_slots"] == 4 and after["cospec_slots_busy"] == 0 and after["cospec_queue_length"] == 0
+    drafted = after["cospec_drafted_tokens_total"]
+    assert drafted > 0 and after["cospec_acceptance_rate"] == pytest.approx(after["cospec_accepted_tokens_total"] / drafted)
+
+
+def test_a_growing_chat_reuses_its_slots_cache(server):
+    """The second turn of a conversation goes to the slot holding the first (four slots to choose
+    from) and evaluates only what is new: its cached prompt covers the whole first prompt."""
+    c = client(server)
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    first = c.chat.completions.create(model="x", messages=messages, max_tokens=30, temperature=0)
+    messages += [{"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": PROMPTS[1]}]
+    second = c.chat.completions.create(model="x", messages=messages, max_tokens=30, temperature=0)
+    assert second.model_extra["cospec"]["n_prompt_cached"] >= first.usage.prompt_tokens - 1
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
+
+
+# -- load -----------------------------------------------------------------------------------------------
+
+
+def test_32_concurrent_streams_on_4_slots_equal_their_sequential_results(server):
+    """32 streaming chats at once on 4 slots all complete (28 of them queue), each with the text
+    it gets alone: slots do not disturb one another, and reusing whatever a slot held before gives
+    the same output as a fresh context."""
+    conversations = task_conversations(32)
+    params = dict(temperature=0, max_tokens=48, extra_body={"mode": "spec"})
+    sequential = stream_chats(server, conversations, concurrent=False, **params)
+    t0 = time.monotonic()
+    concurrent = stream_chats(server, conversations, concurrent=True, **params)
+    assert time.monotonic() - t0 < 120
+    assert concurrent["texts"] == sequential["texts"]
+    assert all(t.strip() for t in concurrent["texts"])
+    m = server.metrics()
+    assert m["cospec_queue_wait_max_seconds"] > 0  # requests did wait for a slot
+    assert m["cospec_slots_busy"] == 0 and m["cospec_queue_length"] == 0
+
+
+# -- bad input --------------------------------------------------------------------------------------------
+
+
+KEY = "s3cret"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def keyed_server():
+    with ServerProcess(*FAMILY_MODELS, "--ctx-size", CTX, "--api-key", KEY) as s:
+        yield s
+
+
+def chat_body(**changes):
+    body = {"messages": [{"role": "user", "content": "add 1 2"}], "max_tokens": 5, "temperature": 0}
+    body.update(changes)
+    return body
+
+
+TOO_LONG = "add 12 34 " * 200  # > 512 tokens
+
+
+@pytest.mark.parametrize(
+    "path, body, headers, status, param, code, words",
+    [
+        ("/v1/chat/completions", chat_body(), {}, 401, None, "invalid_api_key", "missing API key"),
+        ("/v1/chat/completions", chat_body(), {"Authorization": "Bearer nope"}, 401, None, "invalid_api_key", "incorrect API key"),
+        ("/v1/models", None, {}, 401, None, "invalid_api_key", "missing API key"),
+        ("/v1/chat/completions", b'{"messages": [', AUTH, 400, None, None, "malformed JSON"),
+        ("/v1/chat/completions", chat_body(temperature="hot"), AUTH, 400, "temperature", None, "valid number"),
+        ("/v1/chat/completions", chat_body(max_tokens=2.5), AUTH, 400, "max_tokens", None, "valid integer"),
+        ("/v1/chat/completions", chat_body(messages="add 1 2"), AUTH, 400, "messages", None, "valid list"),
+        ("/v1/chat/completions", chat_body(messages=[]), AUTH, 400, "messages", None, "must not be empty"),
+        ("/v1/chat/completions", chat_body(messages=[{"role": "user", "content": "  "}]), AUTH, 400, "messages", None, "non-empty user"),
+        ("/v1/chat/completions", chat_body(messages=[{"role": "wizard", "content": "hi"}]), AUTH, 400, "messages", None, "role"),
+        ("/v1/completions", {"prompt": TOO_LONG}, AUTH, 400, "prompt", "context_length_exceeded", "context holds 512"),
+        ("/v1/completions", {"prompt": TOO_LONG, "stream": True}, AUTH, 400, "prompt", "context_length_exceeded", "context holds 512"),
+        ("/v1/chat/completions", chat_body(messages=[{"role": "user", "content": TOO_LONG}]), AUTH, 400, "messages",
+         "context_length_exceeded", "context holds 512"),
+        ("/v1/completions", {"prompt": ""}, AUTH, 400, "prompt", None, "empty"),
+        ("/v1/completions", {"prompt": [10**9]}, AUTH, 400, "prompt", None, "outside the vocabulary"),
+        ("/v1/chat/completions", chat_body(mode="fastest"), AUTH, 400, "mode", None, "mode must be one of"),
+        ("/v1/chat/completions", chat_body(n=2), AUTH, 400, "n", None, "n=2 is not supported"),
+        ("/v1/chat/completions", chat_body(mode="cos", weights=[1.0]), AUTH, 400, "weights", None, "weights"),
+        ("/v1/nowhere", {}, AUTH, 404, None, None, "Not Found"),
+    ],
+)
+def test_bad_requests_get_openai_errors(keyed_server, path, body, headers, status, param, code, words):
+    """Each bad request gets its status and OpenAI's error JSON, and the server lives on."""
+    if body is None:
+        got_status, got = keyed_server.get(path, headers)
+    else:
+        got_status, got = keyed_server.post(path, body, headers)
+    assert got_status == status, got
+    error = got["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert words in error["message"]
+    assert error["param"] == param and error["code"] == code
+    assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+    assert keyed_server.get("/health")[0] == 200
+
+
+def test_the_keyed_server_serves_the_right_key(keyed_server):
+    c = client(keyed_server, api_key=KEY)
+    reply = c.chat.completions.create(model="x", messages=[{"role": "user", "content": "add 1 2"}], max_tokens=5, temperature=0)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.AuthenticationError):
+        client(keyed_server, api_key="wrong").models.list()
+    with pytest.raises(openai.BadRequestError) as info:
+        c.completions.create(model="x", prompt=TOO_LONG, max_tokens=5)
+    assert info.value.code == "context_length_exceeded"
+
+
+def test_serve_binds_loopback_by_default():
+    with ServerProcess(*FAMILY_MODELS, "--ctx-size", CTX) as s:
+        assert "http://127.0.0.1:" in s.output()
+
+
+def test_serve_warns_before_binding_beyond_loopback():
+    """Asked for 0.0.0.0 it warns that anyone can reach it (here the port is taken by a socket of
+    ours, so nothing is ever exposed: the server then exits with a clear error)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "cli.main", "serve", *FAMILY_MODELS, "--ctx-size", str(CTX),
+                              "--host", "0.0.0.0", "--port", str(port)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "warning: binding 0.0.0.0" in out.stderr and "set --api-key" in out.stderr
+    assert out.returncode != 0
+
+
+# -- the default pair: a dropped client, and memory with P slots ------------------------------------
+
+
+@pytest.mark.slow
+def test_a_client_dropped_mid_stream_frees_its_slot_and_weights_are_shared(default_pair_paths):
+    """On one slot: a client that reads a few chunks of a long stream and hangs up stops its
+    generation (counted as cancelled, far fewer tokens than asked) and a request sent right after
+    is served at once. Then memory: four slots on the same weights cost the KV caches and compute
+    buffers of three more contexts, not three more copies of the weights."""
+    weights_mib = sum(p.stat().st_size for p in map(__import__("pathlib").Path, default_pair_paths)) / 2**20
+    with ServerProcess("--ctx-size", 1024, "--parallel", 1) as one:
+        c = client(one)
+        stream = c.completions.create(model="x", prompt="The history of the Roman Empire", max_tokens=900,
+                                      temperature=0, stream=True, extra_body={"mode": "target"})
+        for _, chunk in zip(range(3), stream):
+            pass
+        stream.close()  # hang up
+        t0 = time.monotonic()
+        quick = c.completions.create(model="x", prompt="The capital of France is", max_tokens=8, temperature=0)
+        waited = time.monotonic() - t0
+        assert quick.usage.completion_tokens > 0
+        # Nine hundred tokens at Gemma's ~90 tok/s would take ~10 s; a freed slot answers at once.
+        assert waited < 3.0
+        m = one.metrics()
+        assert m["cospec_cancelled_total"] == 1
+        assert m["cospec_generated_tokens_total"] < 300
+        assert m["cospec_slots_busy"] == 0
+        rss_one = one.rss_mib()
+    with ServerProcess("--ctx-size", 1024, "--parallel", 4) as four:
+        # Use every slot once, so each context has allocated what it needs.
+        stream_chats(four, [[{"role": "user", "content": f"Say {i}."}] for i in range(4)], concurrent=True,
+                     temperature=0, max_tokens=8)
+        rss_four = four.rss_mib()
+    growth = rss_four - rss_one
+    print(f"RSS: P=1 {rss_one:.0f} MiB, P=4 {rss_four:.0f} MiB, +{growth / 3:.0f} MiB per extra slot; weights {weights_mib:.0f} MiB")
+    assert growth < 0.5 * weights_mib  # a copy of the weights per slot would add 3 x weights_mib
