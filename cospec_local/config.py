@@ -61,6 +61,8 @@ class GenerationConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError("seed must be >= 0 (leave it unset for fresh entropy)")
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
         if self.draft_max < 1:

@@ -53,6 +53,7 @@ from .slots import ModelSlot
 from .text import TextStream
 from .verify import PROPOSED_KINDS, SAMPLED, RowBundle, Verdict, Verifier, default_verifier
 
+PREFILL_PIECE = 256  # prompt tokens evaluated between two looks at Conversation.cancelled
 COMBINED = "combined"  # the producing "slot" of a token drawn from r over several models
 
 
@@ -154,7 +155,8 @@ class GenerationStats:
 class DoneEvent:
     """The last event of a stream: why it ended and the run's statistics."""
 
-    finish_reason: str  # "stop" (EOS or stop string), "length" (max_tokens), "context" (n_ctx full)
+    finish_reason: str  # "stop" (EOS or stop string), "length" (max_tokens), "context" (n_ctx full),
+    # "cancelled" (Conversation.cancel)
     stats: GenerationStats
 
 
@@ -168,6 +170,13 @@ class Conversation:
         self.draft_length = AdaptiveDraftLength()  # learned costs carry over between calls
         self.rng = np.random.default_rng()
         self.last_stats: GenerationStats | None = None
+        # Set from any thread to stop the running generation at the next prefill piece or round
+        # (it then ends with finish reason "cancelled"); cleared by `Engine.stream`.
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Stop this conversation's running generation soon (safe from another thread)."""
+        self.cancelled = True
 
 
 @dataclass
@@ -289,6 +298,7 @@ class Engine:
             )
         self._check_idle()
         conversation = conversation or Conversation()
+        conversation.cancelled = False  # a cancel from now on stops this generation
         if verifier is None:
             if plan.mode == "cospec":
                 verifier = ArbitratingVerifier(self.load_policy(config.policy), config.threshold)
@@ -314,12 +324,10 @@ class Engine:
 
     def _generate(self, context_tokens, config, plan, verifier, conv) -> Iterator[TokenEvent | DoneEvent]:
         self._check_idle()  # another stream may have started between stream() and the first next()
-        self._active = conv
         slots = self.slots
         params = config.sampling
         rng = np.random.default_rng(params.seed) if params.seed is not None else conv.rng
         stats = GenerationStats(n_prompt=len(context_tokens))
-        conv.context = context = context_tokens
         text = TextStream(config.stop)
         eog = self._eog
         policy = conv.draft_length if plan.speculative and config.adaptive else None
@@ -327,6 +335,9 @@ class Engine:
         if start is not None:
             start()
         finish = "length"
+        # Claim the engine only now: whatever failed above left it free.
+        self._active = conv
+        conv.context = context = context_tokens
         t_start = time.perf_counter()
         try:
             # 1. Reuse each cache's longest prefix of the context, then prefill the rest (no logits).
@@ -343,7 +354,9 @@ class Engine:
             t0 = time.perf_counter()
             for i in plan.active:
                 if i != lazy:
-                    slots[i].prefill(context)
+                    # In pieces, so that a cancel (a server's client gone) stops a long prefill.
+                    while slots[i].synced < len(context) - 1 and not conv.cancelled:
+                        slots[i].prefill(context[: slots[i].synced + PREFILL_PIECE + 1])
             stats.t_prefill = time.perf_counter() - t0
             for slot in slots:
                 slot.seconds = 0.0
@@ -354,6 +367,9 @@ class Engine:
             proposers: list[int] = []  # slot index per pending token
             token_bytes = slots[self.target_index].model.token_bytes
             while stats.n_generated < config.max_tokens:
+                if conv.cancelled:
+                    finish = "cancelled"
+                    break
                 # Tokens a scoring batch may hold: the exact batch size, the context left, and no
                 # more pending tokens than the reply can still emit.
                 room = min(self.n_ctx - len(context), self.exact_batch, config.max_tokens - stats.n_generated + 1)

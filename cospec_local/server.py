@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hmac
 import json
 import re
 import threading
@@ -68,16 +69,16 @@ class _GenerationFields(BaseModel):
     Strict types (a string where a number belongs is a 400, not a silent conversion); unknown
     fields are ignored, as clients send many optional ones."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = None  # negative (llama.cpp's -1): fresh entropy
     stop: str | list[str] | None = None
-    n: int = 1
-    stream: bool = False
+    n: int | None = None  # null or 1
+    stream: bool | None = None
     stream_options: dict | None = None
     # Extensions (llama-server also takes top_k and min_p).
     top_k: int | None = Field(None, ge=0)
@@ -214,6 +215,8 @@ class WorkerPool:
         if free and not self._waiters:
             worker = max(free, key=lambda w: w.cached_prefix(tokens))
             worker.busy = True
+            self._update()
+            return worker
         else:
             future = asyncio.get_running_loop().create_future()
             self._waiters.append((future, tokens))
@@ -252,20 +255,24 @@ _END = object()
 
 class Job:
     """One generation on a worker thread. Its events reach the event loop through `queue`; a
-    `cancel()` stops the thread at the next token (the engine then trims its caches)."""
+    `cancel()` stops the thread at the next prefill piece or token (the engine then trims its caches)."""
 
     def __init__(self, pool: WorkerPool, worker: Worker, events, loop: asyncio.AbstractEventLoop):
         self.pool, self.worker, self.events, self.loop = pool, worker, events, loop
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.cancelled = threading.Event()
         self.stats = None
-        worker.job = self
+        self.failed = False
         self.thread = threading.Thread(target=self._run, name=f"cospec-slot-{worker.index}", daemon=True)
+        worker.job = self
         self.thread.start()
 
-    def _put(self, item) -> None:
+    @property
+    def cancelled(self) -> bool:
+        return self.worker.conversation.cancelled
+
+    def _call(self, fn, *args) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # the loop is gone (shutdown): nobody is listening
             pass
 
@@ -274,30 +281,42 @@ class Job:
             for event in self.events:
                 if isinstance(event, DoneEvent):
                     self.stats = event.stats
-                self._put(event)
-                if self.cancelled.is_set():
-                    break
+                self._call(self.queue.put_nowait, event)
         except BaseException as e:  # reported to the request, never kills the server
-            self._put(e)
+            self.failed = True
+            self._call(self.queue.put_nowait, e)
         finally:
-            self.events.close()  # the engine's finally: caches trimmed to the committed context
-            stats = self.stats or self.worker.conversation.last_stats
-            if self.cancelled.is_set():
-                self.pool.metrics.cancelled.inc()
-            if stats is not None:
-                self.pool.metrics.observe(stats)
-            self._put(_END)
             try:
-                self.loop.call_soon_threadsafe(self.pool.release, self.worker)
-            except RuntimeError:
-                pass
+                self.events.close()  # the engine's finally, if the loop above did not finish it
+            except BaseException as e:
+                self.failed = True
+                self._call(self.queue.put_nowait, e)
+            finally:
+                self._call(self._finish)
+
+    def _finish(self) -> None:
+        """On the event loop: count the generation, free the slot, then end the event stream (so a
+        client that sees the end finds its slot free)."""
+        metrics = self.pool.metrics
+        if self.stats is not None:
+            metrics.observe(self.stats)
+            if self.stats.finish_reason == "cancelled":
+                metrics.cancelled.inc()
+        self.pool.release(self.worker)
+        self.queue.put_nowait(_END)
 
     def cancel(self) -> None:
-        self.cancelled.set()
+        self.worker.conversation.cancel()
 
     async def next(self):
         """The next event, an exception the generation raised, or _END."""
         return await self.queue.get()
+
+
+async def _wait_disconnected(request: Request, every: float = 0.25) -> None:
+    """Return once the client has gone away."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every)
 
 
 # -- the app ----------------------------------------------------------------------------------------------
@@ -315,10 +334,11 @@ _EXTENSION_FIELDS = ("top_k", "min_p", "mode", "draft_max", "adaptive", "combine
 
 def build_config(body: _GenerationFields, defaults: GenerationConfig, max_tokens: int | None) -> GenerationConfig:
     """The request's GenerationConfig: server defaults, then the fields the request sets."""
-    if body.n != 1:
+    if body.n not in (None, 1):
         raise ApiError(400, f"n={body.n} is not supported: this server returns one choice per request (n=1)", "n")
     changes = {name: getattr(body, name) for name in _EXTENSION_FIELDS}
-    changes.update(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+    seed = body.seed if body.seed is None or body.seed >= 0 else None
+    changes.update(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=seed)
     if body.weights is not None:
         changes["weights"] = tuple(body.weights)
     if body.gamma is not None:
@@ -390,7 +410,7 @@ def create_app(pairs: list[Pair], settings: ServerSettings) -> FastAPI:
         if not header:
             raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
         scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or key.strip() != settings.api_key:
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), settings.api_key.encode()):
             raise ApiError(401, "incorrect API key", code="invalid_api_key")
 
     # -- plain endpoints --------------------------------------------------------------------------
@@ -420,21 +440,37 @@ def create_app(pairs: list[Pair], settings: ServerSettings) -> FastAPI:
                 400, f"the prompt has {len(tokens)} tokens but the context holds {engine.n_ctx}: shorten it "
                 "(or start the server with a larger --ctx-size)", param, "context_length_exceeded")
 
-    async def start(tokens: list[int], config: GenerationConfig, param: str) -> Job:
+    async def start(request: Request, tokens: list[int], config: GenerationConfig, param: str) -> Job:
+        """Validate, wait for a slot (giving up if the client leaves meanwhile), start the job."""
         check_prompt(tokens, config, param)
-        worker = await pool.acquire(tokens)
+        acquiring = asyncio.ensure_future(pool.acquire(tokens))
+        gone = asyncio.ensure_future(_wait_disconnected(request))
+        try:
+            await asyncio.wait({acquiring, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not acquiring.done():  # the client left while queued: it never gets a slot
+            acquiring.cancel()
+            try:
+                await acquiring
+            except asyncio.CancelledError:
+                pass
+            else:
+                pool.release(acquiring.result())
+            raise ApiError(499, "client closed the request while it was queued", kind="client_closed_request")
+        worker = acquiring.result()
         try:
             events = worker.pair.engine.stream(tokens, config, conversation=worker.conversation)
+            return Job(pool, worker, events, asyncio.get_running_loop())
         except ContextOverflowError as e:
             pool.release(worker)
             raise ApiError(400, str(e), param, "context_length_exceeded") from None
         except (CospecError, ValueError) as e:
             pool.release(worker)
-            raise ApiError(400, str(e)) from None
+            raise ApiError(400, str(e), _param_named_in(str(e))) from None
         except BaseException:
             pool.release(worker)
             raise
-        return Job(pool, worker, events, asyncio.get_running_loop())
 
     def usage(stats) -> dict:
         return {"prompt_tokens": stats.n_prompt, "completion_tokens": stats.n_generated,
@@ -452,14 +488,11 @@ def create_app(pairs: list[Pair], settings: ServerSettings) -> FastAPI:
     async def collect(request: Request, job: Job) -> tuple[str, DoneEvent]:
         """Run a job to the end for a non-streaming reply; a client that disconnects cancels it."""
         parts, done = [], None
+        watcher = asyncio.ensure_future(_wait_disconnected(request))
+        watcher.add_done_callback(lambda task: task.cancelled() or job.cancel())
         try:
             while True:
-                try:
-                    item = await asyncio.wait_for(job.next(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        job.cancel()
-                    continue
+                item = await job.next()
                 if item is _END:
                     break
                 if isinstance(item, BaseException):
@@ -469,13 +502,15 @@ def create_app(pairs: list[Pair], settings: ServerSettings) -> FastAPI:
                 else:
                     parts.append(item.text)
         finally:
+            watcher.cancel()
             if done is None:
                 job.cancel()
         return "".join(parts), done
 
-    def stream_response(request: Request, job: Job, endpoint: str, make_chunk, include_usage: bool) -> EventSourceResponse:
+    def stream_response(job: Job, endpoint: str, make_chunk, include_usage: bool) -> EventSourceResponse:
         async def events():
             finished = False
+            status = "200"
             try:
                 opening = make_chunk(None, None, None)
                 if opening is not None:
@@ -487,18 +522,20 @@ def create_app(pairs: list[Pair], settings: ServerSettings) -> FastAPI:
                     if isinstance(item, BaseException):
                         message = str(item) if isinstance(item, CospecError) else f"{type(item).__name__}: {item}"
                         yield {"data": json.dumps(error_body(message, "server_error"))}
+                        status = "500"
                         break
                     if isinstance(item, DoneEvent):
-                        yield {"data": json.dumps(make_chunk("", item, None))}
+                        # Usage: on the last chunk, or with include_usage on OpenAI's usage-only chunk.
+                        yield {"data": json.dumps(make_chunk("", item, None, not include_usage))}
                         if include_usage:
-                            yield {"data": json.dumps(make_chunk(None, item, "usage"))}
+                            yield {"data": json.dumps(make_chunk(None, item, "usage", True))}
                     elif item.text:
                         piece = make_chunk(item.text, None, None)
                         if piece is not None:
                             yield {"data": json.dumps(piece)}
                 yield {"data": "[DONE]"}
                 finished = True
-                metrics.requests.labels(endpoint, "200").inc()
+                metrics.requests.labels(endpoint, status).inc()
             finally:
                 if not finished:  # the client went away (or sending failed): stop decoding
                     job.cancel()
@@ -523,10 +560,10 @@ def create_app(pairs: list[Pair], settings: ServerSettings) -> FastAPI:
             if bad:
                 raise ApiError(400, f"prompt token {bad[0]} is outside the vocabulary (0..{n_vocab - 1})", "prompt")
             tokens = list(prompt)
-        job = await start(tokens, config, "prompt")
+        job = await start(request, tokens, config, "prompt")
         rid, model = f"cmpl-{uuid.uuid4().hex[:24]}", body.model or settings.model_id
 
-        def chunk(text, done, kind):
+        def chunk(text, done, kind, with_usage=True):
             if text is None and done is None:
                 return None  # completions have no opening chunk
             out = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
@@ -535,13 +572,14 @@ def create_app(pairs: list[Pair], settings: ServerSettings) -> FastAPI:
             if kind == "usage":
                 out["choices"] = []
             if done is not None:
-                out["usage"] = usage(done.stats)
+                if with_usage:
+                    out["usage"] = usage(done.stats)
                 out["cospec"] = extension(done.stats, config)
             return out
 
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return stream_response(request, job, "/v1/completions", chunk, include_usage)
+            return stream_response(job, "/v1/completions", chunk, include_usage)
         text, done = await collect(request, job)
         metrics.requests.labels("/v1/completions", "200").inc()
         out = chunk(text, done, None)
@@ -565,7 +603,7 @@ def create_app(pairs: list[Pair], settings: ServerSettings) -> FastAPI:
         except Exception as e:  # a Jinja template refusing the conversation (roles out of order...)
             raise ApiError(400, f"the model's chat template refused these messages: {e}", "messages") from None
         tokens = first.tokenize(rendered)
-        job = await start(tokens, config, "messages")
+        job = await start(request, tokens, config, "messages")
         rid, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", body.model or settings.model_id
 
         if not body.stream:
@@ -578,7 +616,7 @@ def create_app(pairs: list[Pair], settings: ServerSettings) -> FastAPI:
 
         started = [False]  # leading whitespace of the reply (after "Assistant:") is not sent
 
-        def chunk(text, done, kind):
+        def chunk(text, done, kind, with_usage=True):
             out = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
             if kind == "usage":
                 out["choices"] = []
@@ -594,18 +632,20 @@ def create_app(pairs: list[Pair], settings: ServerSettings) -> FastAPI:
                     started[0] = True
                 out["choices"] = [{"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}]
             if done is not None:
-                out["usage"] = usage(done.stats)
+                if with_usage:
+                    out["usage"] = usage(done.stats)
                 out["cospec"] = extension(done.stats, config)
             return out
 
         include_usage = bool((body.stream_options or {}).get("include_usage"))
-        return stream_response(request, job, "/v1/chat/completions", chunk, include_usage)
+        return stream_response(job, "/v1/chat/completions", chunk, include_usage)
 
     return app
 
 
-def shutdown(app: FastAPI, timeout: float = 10.0) -> None:
-    """Stop every running generation and wait for the slot threads (before freeing models)."""
+def shutdown(app: FastAPI) -> None:
+    """Stop every running generation and wait for the slot threads: models must not be freed
+    while a thread is inside llama.cpp (a cancel takes effect within one prefill piece or token)."""
     pool: WorkerPool = app.state.pool
     for worker in pool.workers:
         if worker.job is not None:
@@ -613,7 +653,7 @@ def shutdown(app: FastAPI, timeout: float = 10.0) -> None:
     for worker in pool.workers:
         job = worker.job
         if job is not None:
-            job.thread.join(timeout)
+            job.thread.join()
 
 
 def is_loopback(host: str) -> bool:

@@ -103,6 +103,15 @@ class ServerProcess:
                 out[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
         return out
 
+    def abandon(self, path: str, payload: dict, after: float) -> None:
+        """Send a request on a raw socket, wait `after` seconds, and hang up without reading."""
+        body = json.dumps(payload).encode()
+        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=30) as sock:
+            sock.sendall(head + body)
+            time.sleep(after)
+
     def stop(self) -> str:
         """Ctrl-C the server, wait for it, and return what it printed."""
         if self.proc.poll() is None:

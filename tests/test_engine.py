@@ -458,3 +458,36 @@ def test_a_chat_turn_refused_by_a_busy_engine_leaves_the_conversation_unchanged(
         reply = chat.say("second question", temperature=0, max_tokens=5)
         assert chat.messages[-2:] == [{"role": "user", "content": "second question"},
                                       {"role": "assistant", "content": reply.text.strip()}]
+
+
+def test_cancel_from_outside_stops_the_generation_and_leaves_a_consistent_cache():
+    """Conversation.cancel() (a server's client gone): the stream ends at the next round with
+    finish reason 'cancelled', the committed context is what was emitted, and the next
+    generation from that context equals a fresh engine's."""
+    from fake_backend import make_engine, run
+
+    engine, _ = make_engine((11, 22))
+    conv = engine.new_conversation()
+    config = GenerationConfig(mode="spec", temperature=0, max_tokens=60, adaptive=False, draft_max=3)
+    events = engine.stream([1, 2, 3], config, conversation=conv)
+    emitted = []
+    for event in events:
+        if hasattr(event, "token"):
+            emitted.append(event.token)
+            if len(emitted) == 5:
+                conv.cancel()
+        else:
+            done = event
+    assert done.finish_reason == "cancelled" and 5 <= len(emitted) < 60
+    assert conv.context == [1, 2, 3] + emitted
+    follow = engine.stream(list(conv.context), config.with_(max_tokens=10), conversation=conv)
+    assert not conv.cancelled  # a new stream clears the flag
+    cached = [e.token for e in follow if hasattr(e, "token")]
+    fresh_engine, _ = make_engine((11, 22))
+    result, _, _ = run(fresh_engine, [1, 2, 3] + emitted, config.with_(max_tokens=10))
+    assert cached == result.tokens
+
+
+def test_a_negative_seed_is_refused_before_the_engine_is_claimed():
+    with pytest.raises(ValueError, match="seed"):
+        GenerationConfig(seed=-1)

@@ -122,7 +122,7 @@ def test_32_concurrent_streams_on_4_slots_equal_their_sequential_results(server)
     assert concurrent["texts"] == sequential["texts"]
     assert all(t.strip() for t in concurrent["texts"])
     m = server.metrics()
-    assert m["cospec_queue_wait_max_seconds"] > 0  # requests did wait for a slot
+    assert m["cospec_queue_wait_seconds_count"] >= 1 and m["cospec_queue_wait_max_seconds"] > 0  # requests queued
     assert m["cospec_slots_busy"] == 0 and m["cospec_queue_length"] == 0
 
 
@@ -170,6 +170,8 @@ TOO_LONG = "add 12 34 " * 200  # > 512 tokens
         ("/v1/chat/completions", chat_body(mode="fastest"), AUTH, 400, "mode", None, "mode must be one of"),
         ("/v1/chat/completions", chat_body(n=2), AUTH, 400, "n", None, "n=2 is not supported"),
         ("/v1/chat/completions", chat_body(mode="cos", weights=[1.0]), AUTH, 400, "weights", None, "weights"),
+        ("/v1/chat/completions", chat_body(mode="cos", mu=float("nan")), AUTH, 400, "mu", None, "finite number"),
+        ("/v1/chat/completions", chat_body(stop=3), AUTH, 400, "stop", None, "valid string"),
         ("/v1/nowhere", {}, AUTH, 404, None, None, "Not Found"),
     ],
 )
@@ -190,6 +192,10 @@ def test_bad_requests_get_openai_errors(keyed_server, path, body, headers, statu
 
 def test_the_keyed_server_serves_the_right_key(keyed_server):
     c = client(keyed_server, api_key=KEY)
+    # null for optional fields, and llama.cpp's seed -1 ("random"), are fine, and leave the slot usable.
+    for _ in range(2):
+        status, body = keyed_server.post("/v1/chat/completions", chat_body(n=None, stream=None, seed=-1, temperature=1.0), AUTH)
+        assert status == 200, body
     reply = c.chat.completions.create(model="x", messages=[{"role": "user", "content": "add 1 2"}], max_tokens=5, temperature=0)
     assert reply.choices[0].finish_reason in ("stop", "length")
     with pytest.raises(openai.AuthenticationError):
@@ -244,6 +250,24 @@ def test_a_client_dropped_mid_stream_frees_its_slot_and_weights_are_shared(defau
         assert m["cospec_cancelled_total"] == 1
         assert m["cospec_generated_tokens_total"] < 300
         assert m["cospec_slots_busy"] == 0
+        long_request = {"prompt": "The history of the Roman Empire", "max_tokens": 900, "temperature": 0, "mode": "target"}
+        # A non-streaming client that hangs up mid-generation.
+        one.abandon("/v1/completions", long_request, after=1.0)
+        t0 = time.monotonic()
+        c.completions.create(model="x", prompt="The capital of France is", max_tokens=8, temperature=0)
+        assert time.monotonic() - t0 < 3.0
+        assert one.metrics()["cospec_cancelled_total"] == 2
+        # A client that hangs up while queued behind a busy slot never gets the slot.
+        busy = c.completions.create(model="x", stream=True, **{k: v for k, v in long_request.items() if k != "mode"},
+                                    extra_body={"mode": "target"})
+        next(iter(busy))
+        one.abandon("/v1/completions", long_request, after=0.5)
+        busy.close()
+        c.completions.create(model="x", prompt="The capital of France is", max_tokens=8, temperature=0)
+        m = one.metrics()
+        assert m['cospec_requests_total{endpoint="/v1/completions",status="499"}'] == 1
+        assert m["cospec_cancelled_total"] == 3  # the busy stream; the queued request never ran
+        assert m["cospec_slots_busy"] == 0 and m["cospec_queue_length"] == 0
         rss_one = one.rss_mib()
     with ServerProcess("--ctx-size", 1024, "--parallel", 4) as four:
         # Use every slot once, so each context has allocated what it needs.
