@@ -26,6 +26,7 @@ from .errors import ContextOverflowError, ModelLoadError, RollbackError
 
 GGUF_MAGIC = b"GGUF"
 EXACT_CPU_BATCH = 7
+EXACT_PREFILL_N_BATCH = 64
 
 _backend_ready = False
 _log_verbose = False
@@ -152,8 +153,12 @@ class LlamaModel:
         n_threads = options.n_threads or default_threads()
         ctx_params = llama_cpp.llama_context_default_params()
         ctx_params.n_ctx = options.n_ctx
-        ctx_params.n_batch = options.n_batch
-        ctx_params.n_ubatch = options.n_batch
+        # llama.cpp reserves a compute buffer for its largest batch, including n_batch rows of
+        # logits (514 MiB for Gemma's 262k vocabulary at 512). With exact prefill on the CPU no
+        # batch exceeds a few tokens, so a small n_batch reserves ~8x less per context.
+        n_batch = min(options.n_batch, EXACT_PREFILL_N_BATCH) if options.exact_prefill and options.n_gpu_layers == 0 else options.n_batch
+        ctx_params.n_batch = n_batch
+        ctx_params.n_ubatch = n_batch
         ctx_params.n_seq_max = 1
         ctx_params.n_threads = n_threads
         ctx_params.n_threads_batch = n_threads
