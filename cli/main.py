@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from cospec_local.config import COMBINATIONS, MODES, GenerationConfig, config_fields, parse_list
+from cospec_local.config import COMBINATIONS, DRAFT_SOURCES, MODES, GenerationConfig, config_fields, parse_list
 from cospec_local.errors import CospecError
 
 DIM_GREEN = "\x1b[32m"
@@ -62,6 +62,8 @@ def generation_options(fn=None, *, exclude=(), defaults=None):
         decls = flag.split("/") if flag else ["--" + name.replace("_", "-")]
         if items is not None:
             opt = click.option(*decls, name, type=str, default=None, help=help_text)
+        elif name == "draft_source":
+            opt = click.option(*decls, name, type=click.Choice(DRAFT_SOURCES), default=None, help=help_text + f" [default: {default}]")
         elif name == "combine":
             opt = click.option(*decls, name, type=click.Choice(COMBINATIONS), default=None, help=help_text + f" [default: {default}]")
         elif name == "stop":
@@ -94,6 +96,13 @@ def build_config(base: GenerationConfig, kwargs: dict) -> GenerationConfig:
     else:
         changes["stop"] = tuple(changes["stop"])
     return base.with_(**changes)
+
+
+def needs_draft(config: GenerationConfig) -> bool:
+    """Whether the decoding `config` asks for needs a draft model."""
+    if config.mode == "spec":
+        return config.draft_source != "ngram"
+    return config.mode in ("draft", "cospec")
 
 
 def open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose, need_draft=True):
@@ -145,8 +154,8 @@ def cli():
 def chat(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose, system, color, **kwargs):
     """Interactive chat (reads messages from stdin when piped). Commands: /stats /reset /exit."""
     config = build_config(GenerationConfig(), kwargs)
-    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose, need_draft=config.mode in ("spec", "draft", "cospec"))
-    if pair.draft is None and config.mode == "spec":  # only a target: decode with it alone
+    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose, need_draft=needs_draft(config))
+    if pair.draft is None and config.mode == "spec" and config.draft_source != "ngram":  # only a target: decode with it alone
         config = config.with_(mode="target")
     session = pair.chat(system)
     interactive = sys.stdin.isatty()
@@ -209,8 +218,8 @@ def generate(prompt, prompt_file, draft, target, models, target_ngl, draft_ngl, 
     if not prompt:
         raise click.UsageError("give a PROMPT or --prompt-file")
     config = build_config(GenerationConfig(), kwargs)
-    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose, need_draft=config.mode in ("spec", "draft", "cospec"))
-    if pair.draft is None and config.mode == "spec":  # only a target: decode with it alone
+    pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose, need_draft=needs_draft(config))
+    if pair.draft is None and config.mode == "spec" and config.draft_source != "ngram":  # only a target: decode with it alone
         config = config.with_(mode="target")
     try:
         if as_json:
@@ -518,9 +527,9 @@ def serve(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft
     if threads is None:  # the slots decode side by side: share the cores between them
         threads = max(1, default_threads() // parallel)
     pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose,
-                     need_draft=config.mode in ("spec", "draft", "cospec"))
+                     need_draft=needs_draft(config))
     try:
-        if pair.draft is None and config.mode == "spec":
+        if pair.draft is None and config.mode == "spec" and config.draft_source != "ngram":
             config = config.with_(mode="target")
         pair.engine.plan(config)  # a default mode these models cannot run fails now, not per request
         if config.mode == "cospec" or config.policy:

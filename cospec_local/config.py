@@ -11,6 +11,7 @@ from .sampling import SamplingParams
 
 MODES = ("spec", "target", "draft", "collab", "cos", "cos-naive", "cospec")
 COMBINATIONS = ("we", "cd")
+DRAFT_SOURCES = ("model", "ngram", "ngram+model")
 DEFAULT_DRAFT_MAX = 6
 
 
@@ -44,6 +45,9 @@ class GenerationConfig:
         DEFAULT_DRAFT_MAX, "Maximum draft tokens per verification (k); on the CPU at most 6, so that the target's "
         "7-token verification batch gives bit-identical logits to target-only decoding.", flag="-k/--draft-max"
     )
+    draft_source: str = _opt("model", "spec mode: who proposes: model (the draft), ngram (prompt lookup: tokens that followed "
+                             "the context's latest suffix earlier in the context; no draft model needed), or ngram+model "
+                             "(n-gram when it has a match, the draft otherwise).")
     draft_p_min: float = _opt(0.3, "Stop drafting when the draft's top probability falls below this.")
     adaptive: bool = _opt(True, "Adapt the draft length to measured acceptance and costs (spec mode).")
     combine: str = _opt("we", "Collaborative modes: how r combines the models: we (weighted ensemble of "
@@ -69,6 +73,10 @@ class GenerationConfig:
             raise ValueError("draft_max must be >= 1")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
+        if self.draft_source not in DRAFT_SOURCES:
+            raise ValueError(f"draft_source must be one of {DRAFT_SOURCES}, not {self.draft_source!r}")
+        if self.draft_source != "model" and self.mode != "spec":
+            raise ValueError(f"draft_source {self.draft_source!r} works in spec mode only, not {self.mode!r}")
         if self.combine not in COMBINATIONS:
             raise ValueError(f"combine must be one of {COMBINATIONS}, not {self.combine!r}")
         if self.mu < 0:

@@ -35,8 +35,11 @@ class AdaptiveDraftLength:
         self.t_draft: float | None = None  # seconds per draft step (EMA)
         # Decayed sufficient statistics of (rows, seconds) for the target's call-time line.
         self._s = (0.0, 0.0, 0.0, 0.0, 0.0)  # sum w, w*n, w*n^2, w*t, w*n*t (plain floats: cheap per step)
-        self.spec_tpt: float | None = None  # measured seconds per token, drafting cycles (EMA)
-        self.target_tpt: float | None = None  # measured seconds per token, target steps (EMA)
+        # Measured seconds and tokens of drafting cycles and of target steps, decayed sums: their
+        # ratio is the expected time per token (an average of per-cycle ratios would let one
+        # fully rejected cycle, 1 token for a whole verification, outweigh several good ones).
+        self._spec = (0.0, 0.0)
+        self._target = (0.0, 0.0)
         self.since_probe = 0
         self.probe_every = self.FIRST_PROBE
 
@@ -88,16 +91,29 @@ class AdaptiveDraftLength:
             drafting_wins = not drafting_wins
         return self.best_draft_length(k_max) if drafting_wins else 0
 
+    @property
+    def spec_tpt(self) -> float | None:
+        """Measured seconds per emitted token of drafting cycles (None before the first)."""
+        return self._spec[0] / self._spec[1] if self._spec[1] else None
+
+    @property
+    def target_tpt(self) -> float | None:
+        """Measured seconds per token of plain target steps (None before the first)."""
+        return self._target[0] / self._target[1] if self._target[1] else None
+
     def _ema(self, old: float | None, new: float) -> float:
         return new if old is None else 0.8 * old + 0.2 * new
 
     def observe_cycle(self, k: int, seconds: float, n_tokens: int) -> None:
         """A whole cycle: k drafted (0 = target step), `n_tokens` emitted in `seconds`."""
         was_winning = None if self.spec_tpt is None or self.target_tpt is None else not self.drafting_loses
+        # Decay per cycle as the EMA did (weight 0.2 on the newest cycle), on seconds and tokens.
         if k == 0:
-            self.target_tpt = self._ema(self.target_tpt, seconds / n_tokens)
+            t, n = self._target
+            self._target = (0.8 * t + seconds, 0.8 * n + n_tokens)
         else:
-            self.spec_tpt = self._ema(self.spec_tpt, seconds / n_tokens)
+            t, n = self._spec
+            self._spec = (0.8 * t + seconds, 0.8 * n + n_tokens)
         if was_winning is not None and was_winning == self.drafting_loses:
             self.probe_every = self.FIRST_PROBE  # the winner changed: probe often again
 

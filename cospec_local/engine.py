@@ -47,6 +47,7 @@ from .arbiter import DEFAULT_POLICY, ArbitratingVerifier, OnnxPolicy
 from .combine import Combination, Contrastive, Single, WeightedEnsemble
 from .config import GenerationConfig
 from .draft_length import CATCH_UP_WINDOW, AdaptiveDraftLength
+from .ngram import NGRAM, NgramIndex
 from .errors import ContextOverflowError, EngineBusyError
 from .sampling import logits_to_probs, sample
 from .slots import ModelSlot
@@ -55,6 +56,7 @@ from .verify import PROPOSED_KINDS, SAMPLED, RowBundle, Verdict, Verifier, defau
 
 PREFILL_PIECE = 256  # prompt tokens evaluated between two looks at Conversation.cancelled
 COMBINED = "combined"  # the producing "slot" of a token drawn from r over several models
+NGRAM_NAME = "ngram"  # the producing "slot" of a proposed token that came from the n-gram lookup
 
 
 @dataclass
@@ -168,6 +170,8 @@ class Conversation:
     def __init__(self):
         self.context: list[int] = []
         self.draft_length = AdaptiveDraftLength()  # learned costs carry over between calls
+        self.ngram_length = AdaptiveDraftLength()  # the same, for n-gram proposals (own acceptance)
+        self.ngram_index = NgramIndex()  # follows the context
         self.rng = np.random.default_rng()
         self.last_stats: GenerationStats | None = None
         # Set from any thread to stop the running generation at the next prefill piece or round
@@ -195,6 +199,13 @@ class Plan:
     # cospec: members score only the proposed positions (no bonus row), so the draft writes every
     # token and the arbiter can weigh in at each one.
     bonus_row: bool = True
+    # spec: propose from an n-gram lookup of the context ("ngram"), before the draft model
+    # ("ngram+model"), or not ("model").
+    draft_source: str = "model"
+
+    @property
+    def uses_ngram(self) -> bool:
+        return self.draft_source != "model"
 
     @property
     def windowed_proposer(self) -> bool:
@@ -245,12 +256,14 @@ class Engine:
         draft, target = self.index.get("draft"), self.target_index
         if mode == "target":
             return Plan(mode, Single(target), (target,))
+        if mode == "spec" and config.draft_source == "ngram":
+            return Plan(mode, Single(target), (target,), None, speculative=True, draft_source="ngram")
         if mode in ("draft", "spec") and draft is None:
-            raise ValueError(f"mode {mode!r} needs a draft model")
+            raise ValueError(f"mode {mode!r} needs a draft model" + (" (or --draft-source ngram)" if mode == "spec" else ""))
         if mode == "draft":
             return Plan(mode, Single(draft), (draft,))
         if mode == "spec":
-            return Plan(mode, Single(target), (draft, target), draft, speculative=True)
+            return Plan(mode, Single(target), (draft, target), draft, speculative=True, draft_source=config.draft_source)
         if mode == "cospec":
             return Plan(mode, Single(target), (draft, target), draft, speculative=True, bonus_row=False)
         n = len(self.slots)
@@ -376,7 +389,7 @@ class Engine:
                 if room <= 0:
                     finish = "context"
                     break
-                emitted = self._round(context, pending, proposers, room, config, plan, verifier, policy, rng, stats)
+                emitted = self._round(context, pending, proposers, room, config, plan, verifier, policy, rng, stats, conv)
                 for token, kind, slot_name in emitted:
                     if token in eog:
                         finish = "stop"
@@ -419,24 +432,42 @@ class Engine:
                 self._active = None  # never leave the engine busy, whatever failed above
         yield DoneEvent(finish, stats)
 
-    def _round(self, context, pending, proposers, room, config, plan, verifier, policy, rng, stats):
+    def _round(self, context, pending, proposers, room, config, plan, verifier, policy, rng, stats, conv):
         """Turns until a verification emits tokens; returns [(token, kind, slot name)]."""
         t_round = time.perf_counter()
         k = None  # spec: tokens the draft was asked for this round
+        # The draft-length policy of this round's proposals: the n-gram one learns separately.
+        cycle_policy = policy
+        ngram_policy = conv.ngram_length if policy is not None and plan.uses_ngram else None
         while True:
             bundle = self._bundle(context, pending, proposers, plan, config)
             if bundle is not None:
                 verdict = verifier.verify(bundle, rng)
                 n_verified = len(bundle.tokens)
                 emitted = self._apply(bundle, verdict, context, pending, proposers, plan, stats)
-                if policy is not None:
+                if cycle_policy is not None:
                     if n_verified:
-                        policy.observe_acceptance(n_verified, verdict.num_accepted)
+                        cycle_policy.observe_acceptance(n_verified, verdict.num_accepted)
                     if plan.bonus_row:  # spec's drafting-vs-target-steps comparison
-                        policy.observe_cycle(k or 0, time.perf_counter() - t_round, len(emitted))
+                        seconds = time.perf_counter() - t_round
+                        cycle_policy.observe_cycle(k or 0, seconds, len(emitted))
+                        if not k and ngram_policy is not None and cycle_policy is not ngram_policy:
+                            ngram_policy.observe_cycle(0, seconds, len(emitted))  # target steps: both learn
                 return emitted
             # Most pending tokens: scoring batches stay within `room` (cospec needs no bonus slot).
             limit = room - 1 if plan.bonus_row else room
+            if not pending and plan.uses_ngram and limit > 0:
+                cap = min(config.draft_max, limit)
+                if ngram_policy is not None and ngram_policy.t_draft is None:
+                    ngram_policy.observe_draft_step(0.0)  # a lookup costs nothing next to a model call
+                n = cap if ngram_policy is None else ngram_policy.choose(cap)
+                found = conv.ngram_index.propose(context, n)
+                if found:
+                    k = len(found)
+                    cycle_policy = ngram_policy
+                    pending.extend(found)
+                    proposers.extend([NGRAM] * k)
+                    continue
             if not pending and plan.proposer is not None:
                 proposer = self._first_proposer(plan)
                 if plan.speculative:
@@ -458,7 +489,7 @@ class Engine:
                 if n_more > 0 and all(p == owner for p in proposers) and len(self.slots[owner].rows) == len(pending):
                     self._propose(owner, n_more, context, pending, proposers, limit, config, plan, policy, rng)
                     continue
-            self._score_turn(context, pending, proposers, limit, config, plan, policy, rng)
+            self._score_turn(context, pending, proposers, limit, config, plan, policy, rng, ngram_policy)
 
     def _first_proposer(self, plan: Plan) -> int:
         """With nothing pending: in CoS, the model whose row for the next position is already
@@ -507,7 +538,7 @@ class Engine:
         slot.probs[position] = probs if slot.token_map is None else slot.token_map.row(probs)
         return slot.to_shared(model_id), float(probs.max())
 
-    def _score_turn(self, context, pending, proposers, limit, config, plan, policy, rng) -> None:
+    def _score_turn(self, context, pending, proposers, limit, config, plan, policy, rng, ngram_policy=None) -> None:
         """The member with the fewest rows scores every pending token in one batch (plus the bonus
         row after them, except in cospec); in CoS it then proposes its own sample for that row."""
         members = plan.combination.members
@@ -517,6 +548,8 @@ class Engine:
         rows = slot.score(context, pending, None if plan.bonus_row else len(pending))
         if policy is not None and rows:
             policy.observe_target(len(rows), time.perf_counter() - t0)
+            if ngram_policy is not None:  # the same target: both policies learn its costs
+                ngram_policy.observe_target(len(rows), time.perf_counter() - t0)
         if plan.extend_with_bonus and len(pending) < limit:
             token, _ = self._draw(slot, len(pending), config.sampling, rng, 0.0)
             pending.append(token)
@@ -548,7 +581,8 @@ class Engine:
         if verdict.next_token is not None and not 0 <= verdict.next_token < self.n_vocab:
             raise RuntimeError(f"verifier chose token {verdict.next_token} outside the vocabulary")
         slots = self.slots
-        emitted = [(pending[j], verdict.accepted_kinds[j], slots[proposers[j]].name) for j in range(m)]
+        emitted = [(pending[j], verdict.accepted_kinds[j], NGRAM_NAME if proposers[j] == NGRAM else slots[proposers[j]].name)
+                   for j in range(m)]
         stats.n_mismatches += verdict.mismatches
         stats.n_overrides += verdict.overrides
         stats.t_arbiter += verdict.seconds

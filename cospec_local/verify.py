@@ -27,6 +27,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from .ngram import NGRAM, OneHotProposal
 from .sampling import SamplingParams, logits_to_probs, sample, softmax
 
 # How an emitted token was produced (its provenance); the slot that produced it travels alongside.
@@ -79,7 +80,10 @@ class RowBundle:
         return row
 
     def proposal_probs(self, j: int):
-        """q_j: the distribution the proposed token x_j was drawn from."""
+        """q_j: the distribution the proposed token x_j was drawn from (one-hot for an n-gram
+        proposal, which is deterministic)."""
+        if self.proposers[j] == NGRAM:
+            return OneHotProposal(self.tokens[j])
         return self.probs(self.proposers[j], j)
 
     def combined(self, j: int) -> np.ndarray:
