@@ -310,24 +310,28 @@ BENCH_DEFAULTS = {"temperature": 0.0, "max_tokens": 128}
 @cli.command()
 @model_options
 @generation_options(exclude=("mode",), defaults=BENCH_DEFAULTS)
-@click.option("--modes", default="spec", show_default=True, help="Comma-separated modes to measure against the baseline.")
+@click.option("--modes", default="spec", show_default=True, help="Comma-separated modes to measure against the baseline; "
+              "'ngram' and 'ngram+model' are spec mode with that --draft-source.")
 @click.option("--baseline", default="target", show_default=True, type=click.Choice(MODES), help="Mode the speedups are measured against (collab for the CoS modes).")
 @click.option("--repeats", default=3, show_default=True, help="Repetitions (each runs every prompt in every mode).")
 @click.option("--sweep-k", default="", help="Also run spec with fixed draft lengths, e.g. 1,2,4,6.")
 @click.option("--family", default=None, help="Prompts: held-out problems of test-world task families (add, count, or add,count) instead of the default English prompts.")
 @click.option("--num-prompts", default=6, show_default=True, help="Problems taken from each --family.")
+@click.option("--prompts", "prompt_set", type=click.Choice(["open", "grounded"]), default="open", show_default=True,
+              help="Prompt set: open-ended English prompts, or input-grounded ones (quote, edit code, answer from a "
+              "document, continue a table) where n-gram drafts pay.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Save the report as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Save a PNG: speedup vs k, accepted-length histogram.")
 @_handle_errors
 def bench(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose, modes, baseline, repeats, sweep_k,
-          family, num_prompts, out_path, plot_path, **kwargs):
+          family, num_prompts, prompt_set, out_path, plot_path, **kwargs):
     """Modes against a baseline (tokens/s and model calls per token), interleaved, with the formula's prediction."""
-    from cospec_local.bench import BENCH_PROMPTS, plot_report, run_bench
+    from cospec_local.bench import PROMPT_SETS, plot_report, run_bench
     from cospec_local.evaluate import DEFAULT_STOP
 
-    mode_list = _mode_list(modes)
+    mode_list = _mode_list(modes, ("ngram", "ngram+model"))
     config = build_config(GenerationConfig(**BENCH_DEFAULTS), kwargs)
-    prompts = BENCH_PROMPTS
+    prompts = PROMPT_SETS[prompt_set]
     if family:
         # Held-out problems past the first 10k (eval's range), num_prompts of each listed family.
         prompts = [p.prompt for name in family.split(",") for p in _problem_prompts(name.strip(), num_prompts, 10_000)]

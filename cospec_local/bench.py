@@ -32,6 +32,36 @@ BENCH_PROMPTS = [
 ]
 
 
+# Input-grounded prompts: the answer quotes or edits its input, so what it writes has occurred
+# before in the context (where n-gram drafts pay). Each ends where the copying starts.
+GROUNDED_PROMPTS = [
+    "Repeat the following paragraph exactly.\n\nParagraph: The Roman Empire was the post-Republican period of "
+    "ancient Rome. As a polity it included large territorial holdings around the Mediterranean Sea in Europe, "
+    "Northern Africa, and Western Asia, ruled by emperors. From the accession of Caesar Augustus as the first Roman "
+    "emperor to the military anarchy of the 3rd century, it was a Principate with Italia as the metropole of its "
+    "provinces.\n\nRepeated paragraph: The Roman Empire",
+    "Add type hints to this function without changing anything else.\n\n```python\ndef merge_counts(first, second):\n"
+    "    merged = dict(first)\n    for key, value in second.items():\n        merged[key] = merged.get(key, 0) + value\n"
+    "    return merged\n\n\ndef top_items(counts, n):\n    ranked = sorted(counts.items(), key=lambda item: item[1], "
+    "reverse=True)\n    return ranked[:n]\n```\n\nWith type hints:\n\n```python\ndef merge_counts(",
+    "Sort this table by population, largest first.\n\n| city | country | population |\n| --- | --- | --- |\n"
+    "| Lyon | France | 522000 |\n| Porto | Portugal | 232000 |\n| Munich | Germany | 1512000 |\n"
+    "| Milan | Italy | 1371000 |\n| Seville | Spain | 684000 |\n\nSorted:\n\n| city | country | population |\n| --- | --- | --- |\n|",
+    "Document: The meeting of the garden committee is on Tuesday at 6 pm in the library. Members should bring "
+    "their seed lists. The committee will vote on the new compost bins and on the spring planting schedule. "
+    "Tea will be served after the vote.\n\nQuestion: When and where is the meeting, and what will the committee "
+    "vote on?\nAnswer, quoting the document: The meeting of the garden committee is on",
+    "Quote the first two sentences of this passage.\n\nPassage: Water boils at 100 degrees Celsius at sea level. "
+    "At higher altitudes the air pressure is lower, so water boils at a lower temperature. This is why cooking "
+    "pasta in the mountains takes longer.\n\nQuote: Water boils",
+    "Continue the table with the next four rows in the same format.\n\n| n | square | cube |\n| --- | --- | --- |\n"
+    "| 1 | 1 | 1 |\n| 2 | 4 | 8 |\n| 3 | 9 | 27 |\n| 4 | 16 | 64 |\n|",
+]
+PROMPT_SETS = {"open": BENCH_PROMPTS, "grounded": GROUNDED_PROMPTS}
+# Bench names for spec mode with an n-gram proposer.
+DRAFT_SOURCE_MODES = {"ngram": "ngram", "ngram+model": "ngram+model"}
+
+
 def measure_costs(pair, repeats: int = 30, max_rows: int = 9, prompt: str = BENCH_PROMPTS[0]) -> dict:
     """Median time of a one-token call of each model after a short prefix, and the target's
     verification call time for 1..max_rows logit rows (interleaved, so drift hits both alike)."""
@@ -143,7 +173,8 @@ def run_bench(
     from tqdm import tqdm
 
     base = config or GenerationConfig(temperature=0.0)
-    configs = {name: replace(base, mode=name) for name in (modes or ["spec"])}
+    configs = {name: replace(base, mode="spec", draft_source=DRAFT_SOURCE_MODES[name]) if name in DRAFT_SOURCE_MODES
+               else replace(base, mode=name) for name in (modes or ["spec"])}
     for k in sweep_k or []:
         configs[f"spec_k{k}"] = replace(base, mode="spec", draft_max=k, adaptive=False)
     configs[baseline] = replace(base, mode=baseline)
@@ -218,9 +249,10 @@ def run_bench(
         }
         predicted = None
         if cfg.mode == "spec" and baseline == "target" and cycles:
-            predicted = predicted_speedup(alpha, gamma, c)
+            # An n-gram lookup costs nothing next to a model call: c = 0 (ngram+model mixes both).
+            predicted = predicted_speedup(alpha, gamma, 0.0 if cfg.draft_source == "ngram" else c)
             m["predicted_speedup_with_verify_cost"] = predicted_speedup_with_verify_cost(
-                alpha, gamma, c, verify_ratio(costs, gamma + 1))
+                alpha, gamma, 0.0 if cfg.draft_source == "ngram" else c, verify_ratio(costs, gamma + 1))
             m["achieved_over_predicted_with_verify_cost"] = m["speedup_median"] / m["predicted_speedup_with_verify_cost"]
             # What a draft that costs nothing (c = 0) with the same acceptance would reach: the
             # ceiling that the target's verification cost alone sets on this machine.

@@ -28,8 +28,10 @@ class AdaptiveDraftLength:
 
     FIRST_PROBE, PROBE_GROWTH, LAST_PROBE = 8, 4, 256
 
-    def __init__(self, decay: float = 0.9):
+    def __init__(self, decay: float = 0.9, probe_growth: int | None = None, cycle_decay: float = 0.8):
         self.decay = decay
+        self.cycle_decay = cycle_decay  # per-cycle decay of the measured seconds and tokens
+        self.probe_growth = probe_growth or self.PROBE_GROWTH
         # Acceptance counts with a prior of 0.8 worth two observations: start by drafting.
         self.successes, self.failures = 1.6, 0.4
         self.t_draft: float | None = None  # seconds per draft step (EMA)
@@ -87,9 +89,19 @@ class AdaptiveDraftLength:
         self.since_probe += 1
         if self.since_probe >= self.probe_every:  # re-try the losing option
             self.since_probe = 0
-            self.probe_every = min(self.probe_every * self.PROBE_GROWTH, self.LAST_PROBE)
+            self.probe_every = min(self.probe_every * self.probe_growth, self.LAST_PROBE)
             drafting_wins = not drafting_wins
         return self.best_draft_length(k_max) if drafting_wins else 0
+
+    def new_input(self) -> None:
+        """Forget what was learned about acceptance and drafting-vs-target-steps (kept: the
+        target's cost fit and the draft's step time). For sources whose usefulness depends on the
+        input itself, such as n-gram lookups, at each new generation."""
+        self.successes, self.failures = 1.6, 0.4
+        self._spec = (0.0, 0.0)
+        self._target = (0.0, 0.0)
+        self.since_probe = 0
+        self.probe_every = self.FIRST_PROBE
 
     @property
     def spec_tpt(self) -> float | None:
@@ -107,13 +119,13 @@ class AdaptiveDraftLength:
     def observe_cycle(self, k: int, seconds: float, n_tokens: int) -> None:
         """A whole cycle: k drafted (0 = target step), `n_tokens` emitted in `seconds`."""
         was_winning = None if self.spec_tpt is None or self.target_tpt is None else not self.drafting_loses
-        # Decay per cycle as the EMA did (weight 0.2 on the newest cycle), on seconds and tokens.
+        d = self.cycle_decay
         if k == 0:
             t, n = self._target
-            self._target = (0.8 * t + seconds, 0.8 * n + n_tokens)
+            self._target = (d * t + seconds, d * n + n_tokens)
         else:
             t, n = self._spec
-            self._spec = (0.8 * t + seconds, 0.8 * n + n_tokens)
+            self._spec = (d * t + seconds, d * n + n_tokens)
         if was_winning is not None and was_winning == self.drafting_loses:
             self.probe_every = self.FIRST_PROBE  # the winner changed: probe often again
 

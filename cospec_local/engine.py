@@ -170,7 +170,10 @@ class Conversation:
     def __init__(self):
         self.context: list[int] = []
         self.draft_length = AdaptiveDraftLength()  # learned costs carry over between calls
-        self.ngram_length = AdaptiveDraftLength()  # the same, for n-gram proposals (own acceptance)
+        # The same for n-gram proposals: own acceptance, restarted per generation (whether the
+        # output repeats its context depends on the prompt), probing more often (proposals are free)
+        # and with a longer memory (one rejected run of free proposals is no reason to stop).
+        self.ngram_length = AdaptiveDraftLength(probe_growth=2, cycle_decay=0.95)
         self.ngram_index = NgramIndex()  # follows the context
         self.rng = np.random.default_rng()
         self.last_stats: GenerationStats | None = None
@@ -348,6 +351,8 @@ class Engine:
         if start is not None:
             start()
         finish = "length"
+        if plan.uses_ngram:
+            conv.ngram_length.new_input()
         # Claim the engine only now: whatever failed above left it free.
         self._active = conv
         conv.context = context = context_tokens
