@@ -28,8 +28,12 @@ class AdaptiveDraftLength:
 
     FIRST_PROBE, PROBE_GROWTH, LAST_PROBE = 8, 4, 256
 
-    def __init__(self, decay: float = 0.9, probe_growth: int | None = None, cycle_decay: float = 0.8):
+    def __init__(self, decay: float = 0.9, probe_growth: int | None = None, cycle_decay: float = 0.8,
+                 full_length: bool = False):
         self.decay = decay
+        # Always propose k_max when drafting (n-gram lookups: a proposal costs nothing, and the
+        # linear row-cost fit, learned mostly from 1- and 2-row calls, overprices long ones).
+        self.full_length = full_length
         self.cycle_decay = cycle_decay  # per-cycle decay of the measured seconds and tokens
         self.probe_growth = probe_growth or self.PROBE_GROWTH
         # Acceptance counts with a prior of 0.8 worth two observations: start by drafting.
@@ -63,7 +67,7 @@ class AdaptiveDraftLength:
         """The k in [1, k_max] with the lowest modelled time per token (0 when k_max < 1)."""
         if k_max < 1:
             return 0
-        if self.t_draft is None or self._s[0] <= 0:
+        if self.full_length or self.t_draft is None or self._s[0] <= 0:
             return k_max
         alpha = min(self.alpha, 0.999)
         def time_per_token(k: int) -> float:

@@ -173,7 +173,7 @@ class Conversation:
         # The same for n-gram proposals: own acceptance, restarted per generation (whether the
         # output repeats its context depends on the prompt), probing more often (proposals are free)
         # and with a longer memory (one rejected run of free proposals is no reason to stop).
-        self.ngram_length = AdaptiveDraftLength(probe_growth=2, cycle_decay=0.95)
+        self.ngram_length = AdaptiveDraftLength(probe_growth=2, cycle_decay=0.95, full_length=True)
         self.ngram_index = NgramIndex()  # follows the context
         self.rng = np.random.default_rng()
         self.last_stats: GenerationStats | None = None
@@ -463,8 +463,6 @@ class Engine:
             limit = room - 1 if plan.bonus_row else room
             if not pending and plan.uses_ngram and limit > 0:
                 cap = min(config.draft_max, limit)
-                if ngram_policy is not None and ngram_policy.t_draft is None:
-                    ngram_policy.observe_draft_step(0.0)  # a lookup costs nothing next to a model call
                 n = cap if ngram_policy is None else ngram_policy.choose(cap)
                 found = conv.ngram_index.propose(context, n)
                 if found:
