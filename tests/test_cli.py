@@ -231,3 +231,28 @@ def test_chat_survives_ctrl_c_during_a_reply(tiny_target, monkeypatch):
     assert r.exit_code == 0, r.output
     assert "(interrupted)" in r.stderr
     assert calls["n"] == 2  # the session went on to the second message
+
+
+def test_bench_ngram_modes_predict_with_a_free_draft(tmp_path):
+    """`bench --modes ngram,ngram+model`: spec mode with those draft sources, greedy output equal
+    to the target's, the n-gram prediction made with c = 0, and the plot has every mode."""
+    from cospec_local.bench import predicted_speedup, predicted_speedup_with_verify_cost, verify_ratio
+
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    r = run("bench", *models(FAMILY / "draft.gguf", FAMILY / "target.gguf"), "--family", "add", "--num-prompts", 2,
+            "--modes", "ngram,ngram+model", "--max-tokens", 48, "--repeats", 1, "--out", out, "--plot", png)
+    assert r.exit_code == 0, r.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads(out.read_text())
+    assert set(report["modes"]) == {"target", "ngram", "ngram+model"}
+    costs = report["costs"]
+    for name in ("ngram", "ngram+model"):
+        assert report["modes"][name]["greedy_output_identical_to_target"] is True
+    m = report["modes"]["ngram"]
+    assert m["cycles"] > 0
+    assert m["predicted_speedup"] == pytest.approx(predicted_speedup(m["alpha"], m["mean_draft_length"], 0.0), rel=1e-9)
+    assert m["predicted_speedup_with_verify_cost"] == pytest.approx(
+        predicted_speedup_with_verify_cost(m["alpha"], m["mean_draft_length"], 0.0, verify_ratio(costs, m["mean_draft_length"] + 1)),
+        rel=1e-9)
+    bad = run("bench", "--modes", "ngrams")
+    assert bad.exit_code != 0 and "unknown mode" in bad.output
