@@ -298,7 +298,8 @@ def plot_report(report: dict, path: str) -> None:
     ax1.axhline(1.0, color="black", lw=0.5)
     ax1.set_xlabel("draft length k")
     ax1.set_ylabel(f"speedup over {baseline}")
-    ax1.legend(fontsize=8)
+    if ax1.get_legend_handles_labels()[0]:
+        ax1.legend(fontsize=8)
     names = [n for n in modes if n != baseline]
     x = np.arange(len(names))
     measured = [modes[n]["speedup_median"] for n in names]
