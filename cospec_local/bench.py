@@ -312,7 +312,7 @@ def plot_report(report: dict, path: str) -> None:
     ax2.axhline(1.0, color="black", lw=0.5)
     ax2.set_xticks(x, names, rotation=30, fontsize=8)
     ax2.set_ylabel(f"speedup over {baseline} (label: attainment)")
-    ax2.legend(fontsize=8)
+    ax2.legend(fontsize=8, loc="lower right")
     hist = modes.get("spec", {}).get("accepted_length_histogram", [])
     ax3.bar(range(len(hist)), hist)
     ax3.set_xlabel("draft tokens accepted per cycle (adaptive k)")
