@@ -349,7 +349,8 @@ def bench(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft
                + (f", c = {c['c']:.3f}" if "c" in c else ""))
     click.echo("verify call by logit rows (ms): " + ", ".join(f"{n}: {v:.1f}" for n, v in c["verify_ms_by_rows"].items()))
     b = report["modes"][baseline]
-    click.echo(f"{baseline}: {b['tok_s_median']:.1f} tok/s (median of {repeats}), {b['calls_per_token']:.2f} model calls/token")
+    click.echo(f"{baseline}: {b['tok_s_median']:.1f} tok/s (median of {repeats}), {b['calls_per_token']:.2f} model calls/token, "
+               f"{b['outside_llama_us_per_token']:.0f} us/token outside llama.cpp")
     for name, m in report["modes"].items():
         if name == baseline:
             continue
@@ -364,7 +365,7 @@ def bench(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft
                      f"({m['achieved_over_predicted_with_verify_cost']:.0%} of it)")
         if "ceiling_free_draft" in m:
             line += f"; ceiling with a cost-free draft {m['ceiling_free_draft']:.2f}x"
-        line += f"; python overhead {m['python_overhead_share']:.1%}"
+        line += f"; python overhead {m['python_overhead_share']:.1%}, {m['outside_llama_us_per_token']:.0f} us/token outside llama.cpp"
         if m[f"greedy_output_identical_to_{baseline}"] is False:
             line += f"  OUTPUT DIFFERS FROM {baseline.upper()}"
         click.echo(line)

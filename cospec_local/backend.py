@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,6 +183,7 @@ class LlamaModel:
         self.n_threads = n_threads
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.n_past = 0  # tokens currently in the KV cache
+        self.decode_seconds = 0.0  # time spent inside llama_decode, cumulative (overhead accounting)
         # Largest batch whose logits equal single-token logits bit for bit. Measured on the CPU
         # build (no llamafile, no repacking, no flash attention): batches of up to 7 tokens match
         # exactly at any context length, 8+ do not. On a GPU nothing is bit-exact anyway.
@@ -350,7 +352,9 @@ class LlamaModel:
             if end == n and n_logits:
                 self._batch_logits[m - n_logits : m] = 1
             self._batch.n_tokens = m
+            t0 = time.perf_counter()
             rc = lib.llama_decode(self._ctx, self._batch)
+            self.decode_seconds += time.perf_counter() - t0
             if rc != 0:
                 self._resync_after_failure()
                 if rc == 1:

@@ -140,7 +140,7 @@ def predicted_apf_speedup(alpha: float, gamma_q: int, gamma_p: int, c: float, ve
 
 def _run(pair, config: GenerationConfig, prompts, max_tokens: int) -> dict:
     """Run every prompt once from a cold cache; sum the counts and times."""
-    out = {"tokens": 0, "t_decode": 0.0, "t_overhead": 0.0, "target_steps": 0, "calls": 0,
+    out = {"tokens": 0, "t_decode": 0.0, "t_overhead": 0.0, "t_outside_llama": 0.0, "target_steps": 0, "calls": 0,
            "accepted": [], "drafted": [], "outputs": []}
     for prompt in prompts:
         pair.engine.reset()  # every run starts cold: no KV reuse between modes
@@ -149,6 +149,7 @@ def _run(pair, config: GenerationConfig, prompts, max_tokens: int) -> dict:
         out["tokens"] += s.n_generated
         out["t_decode"] += s.t_decode
         out["t_overhead"] += s.t_overhead
+        out["t_outside_llama"] += s.outside_llama_per_token * s.n_generated
         out["target_steps"] += s.n_target_steps
         out["calls"] += s.total_model_calls
         out["accepted"] += s.accepted_lengths
@@ -208,7 +209,11 @@ def run_bench(
     report = {"costs": costs, "prompts": len(prompts), "max_tokens": max_tokens, "repeats": repeats,
               "baseline": baseline, "temperature": base.temperature, "modes": {}}
     base_runs = runs[baseline]
+    def outside_us(t):
+        return 1e6 * t["t_outside_llama"] / t["tokens"] if t["tokens"] else 0.0
+
     report["modes"][baseline] = {
+        "outside_llama_us_per_token": statistics.median(outside_us(t) for t in base_runs),
         "tok_s_median": statistics.median(tok_s(t) for t in base_runs),
         "tok_s": [tok_s(t) for t in base_runs],
         "calls_per_token": statistics.median(calls_per_token(t) for t in base_runs),
@@ -244,6 +249,7 @@ def run_bench(
             "target_steps": sum(t["target_steps"] for t in runs[name]),
             "cycles": cycles,
             "python_overhead_share": sum(t["t_overhead"] for t in runs[name]) / t_decode if t_decode else 0.0,
+            "outside_llama_us_per_token": statistics.median(outside_us(t) for t in runs[name]),
             "accepted_length_histogram": np.bincount(accepted).tolist() if accepted else [],
             f"greedy_output_identical_to_{baseline}": same if base.temperature == 0 else None,
         }

@@ -97,6 +97,7 @@ class GenerationStats:
     t_prefill: float = 0.0
     t_decode: float = 0.0
     t_arbiter: float = 0.0  # cospec: computing features and scoring the policy (inside t_overhead)
+    t_llama: float = 0.0  # seconds inside llama_decode (prefill and decode, every model)
     finish_reason: str = ""
 
     @property
@@ -131,6 +132,13 @@ class GenerationStats:
         return self.total_model_calls / self.n_generated if self.n_generated else 0.0
 
     @property
+    def outside_llama_per_token(self) -> float:
+        """Seconds per generated token spent outside llama_decode (Python, numpy, ctypes), prefill
+        and decode together: the loop's own cost."""
+        wall = self.t_prefill + self.t_decode
+        return max(wall - self.t_llama, 0.0) / self.n_generated if self.n_generated else 0.0
+
+    @property
     def t_overhead(self) -> float:
         """Decode time spent outside llama.cpp calls: Python work, sampling, bookkeeping."""
         return max(self.t_decode - sum(self.t_models.values()), 0.0)
@@ -147,6 +155,7 @@ class GenerationStats:
             model_calls_per_token=self.model_calls_per_token,
             t_overhead=self.t_overhead,
             overhead_share=self.t_overhead / self.t_decode if self.t_decode else 0.0,
+            outside_llama_per_token=self.outside_llama_per_token,
             accepted_lengths=list(self.accepted_lengths),
             draft_lengths=list(self.draft_lengths),
         )
@@ -361,6 +370,7 @@ class Engine:
             # 1. Reuse each cache's longest prefix of the context, then prefill the rest (no logits).
             for slot in slots:
                 slot.seconds, slot.calls = 0.0, 0
+            llama0 = sum(getattr(slot.model, "decode_seconds", 0.0) for slot in slots)
             lazy = plan.proposer if plan.windowed_proposer and policy is not None and policy.drafting_loses else None
             reused = {}
             for i in plan.active:
@@ -431,6 +441,7 @@ class Engine:
                     if slot.calls:
                         stats.model_calls[slot.name] = slot.calls
                         stats.t_models[slot.name] = slot.seconds
+                stats.t_llama = sum(getattr(slot.model, "decode_seconds", 0.0) for slot in slots) - llama0
                 stats.finish_reason = finish
                 conv.last_stats = stats
             finally:

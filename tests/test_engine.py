@@ -491,3 +491,15 @@ def test_cancel_from_outside_stops_the_generation_and_leaves_a_consistent_cache(
 def test_a_negative_seed_is_refused_before_the_engine_is_claimed():
     with pytest.raises(ValueError, match="seed"):
         GenerationConfig(seed=-1)
+
+
+def test_time_inside_llama_decode_is_counted_and_bounded_by_the_wall_time(tiny_target, tiny_other):
+    """stats.t_llama sums llama_decode time over every model (prefill and decode); the rest of the
+    call's wall time, per generated token, is the loop's own cost that bench reports."""
+    with load_pair(tiny_other, tiny_target, n_ctx=512, n_threads=1) as pair:
+        r = pair.generate("the cat sat on the mat", temperature=0, max_tokens=30, mode="spec", adaptive=False)
+        s = r.stats
+        decode_total = pair.target.decode_seconds + pair.draft.decode_seconds
+    assert 0 < s.t_llama <= decode_total
+    assert s.t_llama <= s.t_prefill + s.t_decode
+    assert s.outside_llama_per_token == pytest.approx((s.t_prefill + s.t_decode - s.t_llama) / s.n_generated)
