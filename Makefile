@@ -2,7 +2,8 @@
 #
 # llama-cpp-python is built from source. The default (native) build crashes on CPUs that advertise
 # AMX (see README), so without a CMAKE_ARGS of your own we build with portable x86-64 flags.
-# Your own CMAKE_ARGS (CUDA, Metal, ...) always win. Built wheels are cached per CMAKE_ARGS value in
+# The default also builds llama.cpp's RPC backend (--rpc, `cospec-local rpc-server`). Your own CMAKE_ARGS
+# (CUDA, Metal, ...) always win: add -DGGML_RPC=ON to them to keep RPC. Built wheels are cached per CMAKE_ARGS value in
 # $(WHEEL_CACHE), so a second set-up does not rebuild, and a CUDA build never reuses a CPU wheel.
 
 PYTHON ?= python3
@@ -12,9 +13,9 @@ LLAMA_CPP_VERSION := 0.3.36
 ARCH := $(shell uname -m)
 ifeq ($(origin CMAKE_ARGS), undefined)
   ifeq ($(ARCH),x86_64)
-    CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_LLAMAFILE=OFF
+    CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_LLAMAFILE=OFF -DGGML_RPC=ON
   else
-    CMAKE_ARGS :=
+    CMAKE_ARGS := -DGGML_RPC=ON
   endif
 endif
 WHEEL_CACHE ?= $(HOME)/.cache/cospec-local/wheels

@@ -44,10 +44,25 @@ def model_options(fn):
         click.option("--threads", type=int, default=None, help="CPU threads for llama.cpp (default: all cores, or half on big machines)."),
         click.option("--draft-threads", type=int, default=None, help="CPU threads for the draft (default: --threads; 1 often suits a very small draft, whose calls are too short to split)."),
         click.option("--verbose", is_flag=True, help="Show llama.cpp's log."),
+        click.option("--rpc", default=None, metavar="HOST:PORT[,HOST:PORT...]",
+                     help="Offload the target's layers (--target-ngl) to these llama.cpp RPC servers "
+                     "(`cospec-local rpc-server` on the other machine); the draft stays local."),
+        click.option("--draft-rpc", default=None, metavar="HOST:PORT[,...]", help="RPC servers for the draft's offloaded layers (--draft-ngl)."),
     ]
+
+    # --rpc/--draft-rpc reach open_pair without every command naming them.
+    @functools.wraps(fn)
+    def with_rpc(*args, rpc=None, draft_rpc=None, **kwargs):
+        _RPC["target"] = tuple(x.strip() for x in (rpc or "").split(",") if x.strip())
+        _RPC["draft"] = tuple(x.strip() for x in (draft_rpc or "").split(",") if x.strip())
+        return fn(*args, **kwargs)
+
     for option in reversed(options):
-        fn = option(fn)
-    return fn
+        with_rpc = option(with_rpc)
+    return with_rpc
+
+
+_RPC: dict[str, tuple[str, ...]] = {"target": (), "draft": ()}  # set by model_options' --rpc/--draft-rpc
 
 
 def generation_options(fn=None, *, exclude=(), defaults=None):
@@ -117,7 +132,7 @@ def open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, d
         raise click.UsageError("this mode needs a draft: pass --draft, or --mode target")
     return load_pair(
         draft, target, models=tuple(models), n_ctx=ctx_size, n_threads=threads, draft_threads=draft_threads, target_ngl=target_ngl,
-        draft_ngl=draft_ngl, verbose=verbose,
+        draft_ngl=draft_ngl, verbose=verbose, target_rpc=_RPC["target"], draft_rpc=_RPC["draft"],
     )
 
 
@@ -551,6 +566,46 @@ def serve(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft
         run_server(pair, settings, host, port, parallel, threads, draft_threads, on_ready=ready)
     finally:
         pair.close()
+
+
+@cli.command("rpc-server")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", type=click.IntRange(1, 65535), default=50052, show_default=True, help="TCP port.")
+@click.option("--threads", type=int, default=None, help="CPU threads for the computations (default: all cores, or half on big machines).")
+@_handle_errors
+def rpc_server(host, port, threads):
+    """Lend this machine's GPUs (else its CPU) to llama.cpp RPC clients (`--rpc HOST:PORT` on another
+    machine). RPC has NO authentication: anyone who can reach the port can use it."""
+    import threading
+
+    from cospec_local.backend import default_threads, start_rpc_server
+    from cospec_local.server import is_loopback
+
+    if not is_loopback(host):
+        click.echo(f"warning: binding {host}: llama.cpp's RPC has no authentication or encryption; anyone who can "
+                   f"reach {host}:{port} can run computations on this machine. Use it only on a trusted network.", err=True)
+    errors = []
+
+    def run():
+        try:
+            start_rpc_server(host, port, threads or default_threads())
+        except Exception as e:  # reported by the main thread
+            errors.append(e)
+
+    # llama.cpp's server loop never returns: it runs on a daemon thread so Ctrl-C ends the process.
+    server = threading.Thread(target=run, daemon=True)
+    server.start()
+    server.join(0.5)
+    if errors:
+        raise errors[0]
+    click.echo(f"cospec-local rpc-server listening on {host}:{port}; Ctrl-C stops", err=True)
+    try:
+        while server.is_alive():
+            server.join(1.0)
+    except KeyboardInterrupt:
+        click.echo("(stopped)", err=True)
+    if errors:
+        raise errors[0]
 
 
 def main():

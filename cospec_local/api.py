@@ -64,18 +64,22 @@ class Pair:
         target_ngl: int = 0,
         draft_ngl: int = 0,
         verbose: bool = False,
+        target_rpc: tuple[str, ...] = (),
+        draft_rpc: tuple[str, ...] = (),
     ):
-        self.target = LlamaModel(target_path, LoadOptions(n_ctx, n_threads, target_ngl, verbose=verbose))
+        target_rpc, draft_rpc = tuple(target_rpc), tuple(draft_rpc)
+        self.target = LlamaModel(target_path, LoadOptions(n_ctx, n_threads, target_ngl, verbose=verbose, rpc=target_rpc))
         self.draft = None
         self.extra: list[LlamaModel] = []
         self.report: PairReport | None = None
         self.extra_reports: list[PairReport] = []
         try:
             if draft_path is not None:
-                self.draft = LlamaModel(draft_path, LoadOptions(n_ctx, draft_threads or n_threads, draft_ngl, verbose=verbose))
+                self.draft = LlamaModel(draft_path, LoadOptions(n_ctx, draft_threads or n_threads, draft_ngl, verbose=verbose,
+                                                                rpc=draft_rpc))
                 self.report = check_pair(self.draft, self.target)
             for path in models:
-                model = LlamaModel(path, LoadOptions(n_ctx, n_threads, target_ngl, verbose=verbose))
+                model = LlamaModel(path, LoadOptions(n_ctx, n_threads, target_ngl, verbose=verbose, rpc=target_rpc))
                 self.extra.append(model)
                 self.extra_reports.append(check_pair(model, self.target))
         except Exception:
@@ -223,5 +227,6 @@ class ChatSession:
 def load_pair(draft: str | os.PathLike | None, target: str | os.PathLike, **options) -> Pair:
     """Load and check a pair. `options`: models (further GGUFs for the collaborative modes),
     n_ctx, n_threads, draft_threads (default n_threads), target_ngl (also used for further models),
-    draft_ngl, verbose."""
+    draft_ngl, verbose, target_rpc and draft_rpc ('host:port' llama.cpp RPC servers whose devices take
+    that model's offloaded layers: e.g. a remote target with `target_ngl=99` and a local draft)."""
     return Pair(target, draft, **options)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ContextOverflowError, ModelLoadError, RollbackError
+from .errors import ContextOverflowError, ModelLoadError, RollbackError, RpcError
 
 GGUF_MAGIC = b"GGUF"
 EXACT_CPU_BATCH = 7
@@ -49,17 +50,130 @@ def _log_callback(level, text, user_data):
 _log_callback_c = None
 
 
-def _init_backend(verbose: bool) -> None:
-    """Initialise llama.cpp once per process and install our log filter."""
+def _init_backend(verbose: bool | None) -> None:
+    """Initialise llama.cpp once per process and install our log filter (`verbose`: show its log;
+    None keeps the current setting)."""
     global _backend_ready, _log_verbose, _log_callback_c
     import llama_cpp
 
-    _log_verbose = verbose
+    if verbose is not None:
+        _log_verbose = verbose
     if not _backend_ready:
         _log_callback_c = llama_cpp.llama_log_callback(_log_callback)  # keep a reference: C holds it
         llama_cpp.llama_log_set(_log_callback_c, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
         _backend_ready = True
+
+
+# -- llama.cpp's RPC backend (remote devices) ---------------------------------------------------------
+RPC_CONNECT_TIMEOUT = 5.0  # seconds to reach a server before giving up with a clear error
+_GGML_DEVICE_TYPE_CPU = 0
+_rpc_devices: dict[str, list[int]] = {}  # endpoint -> its registered device pointers
+_ggml_lib = None
+
+
+def _ggml():
+    """libggml's device registry through ctypes (llama-cpp-python binds only llama.h)."""
+    global _ggml_lib
+    if _ggml_lib is None:
+        from llama_cpp._ggml import libggml as lib
+
+        sigs = {
+            "ggml_backend_reg_by_name": ([ctypes.c_char_p], ctypes.c_void_p),
+            "ggml_backend_reg_get_proc_address": ([ctypes.c_void_p, ctypes.c_char_p], ctypes.c_void_p),
+            "ggml_backend_register": ([ctypes.c_void_p], None),
+            "ggml_backend_reg_dev_count": ([ctypes.c_void_p], ctypes.c_size_t),
+            "ggml_backend_reg_dev_get": ([ctypes.c_void_p, ctypes.c_size_t], ctypes.c_void_p),
+            "ggml_backend_dev_count": ([], ctypes.c_size_t),
+            "ggml_backend_dev_get": ([ctypes.c_size_t], ctypes.c_void_p),
+            "ggml_backend_dev_type": ([ctypes.c_void_p], ctypes.c_int),
+            "ggml_backend_dev_name": ([ctypes.c_void_p], ctypes.c_char_p),
+            "ggml_backend_dev_by_type": ([ctypes.c_int], ctypes.c_void_p),
+        }
+        for name, (args, res) in sigs.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, res
+        _ggml_lib = lib
+    return _ggml_lib
+
+
+def _rpc_proc(name: str, restype, *argtypes):
+    """A function of llama.cpp's RPC backend, or RpcError when this build has none."""
+    import llama_cpp
+
+    _init_backend(None)
+    lib = _ggml()
+    reg = lib.ggml_backend_reg_by_name(b"RPC") if llama_cpp.llama_supports_rpc() else None
+    address = lib.ggml_backend_reg_get_proc_address(reg, name.encode()) if reg else None
+    if not address:
+        raise RpcError(
+            "this build of llama-cpp-python has no RPC backend: rebuild it with -DGGML_RPC=ON in CMAKE_ARGS "
+            "(the Makefile's default does so; add it to your own CMAKE_ARGS for CUDA or Metal builds)"
+        )
+    return ctypes.CFUNCTYPE(restype, *argtypes)(address)
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """'host:port' -> (host, port); RpcError for anything else."""
+    host, sep, port = endpoint.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RpcError(f"bad RPC endpoint {endpoint!r}: expected HOST:PORT, e.g. 192.168.1.20:50052")
+    return host.strip("[]"), int(port)
+
+
+def connect_rpc(endpoints) -> list[int]:
+    """Register llama.cpp RPC servers (once per process) and return their devices. Each server is
+    first reached with a plain TCP connection and a timeout, so an unreachable or refusing server
+    is a clear error naming it, never a hang or an abort inside llama.cpp."""
+    devices = []
+    for endpoint in endpoints:
+        endpoint = endpoint.strip()
+        if endpoint in _rpc_devices:
+            devices += _rpc_devices[endpoint]
+            continue
+        host, port = parse_endpoint(endpoint)
+        try:
+            with socket.create_connection((host, port), timeout=RPC_CONNECT_TIMEOUT):
+                pass
+        except OSError as e:
+            reason = "timed out" if isinstance(e, socket.timeout) else (e.strerror or str(e))
+            raise RpcError(f"cannot reach the RPC server at {endpoint}: {reason} (is `cospec-local rpc-server` "
+                           "running there, and the port open?)") from None
+        add_server = _rpc_proc("ggml_backend_rpc_add_server", ctypes.c_void_p, ctypes.c_char_p)
+        reg = add_server(endpoint.encode())
+        if not reg:
+            raise RpcError(f"the RPC server at {endpoint} reports no devices")
+        lib = _ggml()
+        lib.ggml_backend_register(reg)
+        found = [lib.ggml_backend_reg_dev_get(reg, i) for i in range(lib.ggml_backend_reg_dev_count(reg))]
+        _rpc_devices[endpoint] = found
+        devices += found
+    return devices
+
+
+def local_offload_devices() -> list[int]:
+    """This machine's own offload devices (GPUs): every registered non-CPU device that is not an
+    RPC server's."""
+    lib = _ggml()
+    remote = {d for found in _rpc_devices.values() for d in found}
+    out = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        if dev not in remote and lib.ggml_backend_dev_type(dev) != _GGML_DEVICE_TYPE_CPU:
+            out.append(dev)
+    return out
+
+
+def start_rpc_server(host: str, port: int, n_threads: int) -> None:
+    """Serve this machine's devices (its GPUs, else its CPU) to llama.cpp RPC clients; blocks for
+    good (run it on a thread)."""
+    start = _rpc_proc("ggml_backend_rpc_start_server", None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t,
+                      ctypes.c_size_t, ctypes.POINTER(ctypes.c_void_p))
+    lib = _ggml()
+    devices = local_offload_devices() or [lib.ggml_backend_dev_by_type(_GGML_DEVICE_TYPE_CPU)]
+    array = (ctypes.c_void_p * len(devices))(*devices)
+    endpoint = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    start(endpoint.encode(), None, n_threads, len(devices), array)
 
 
 def default_threads() -> int:
@@ -109,6 +223,9 @@ class LoadOptions:
     # does not (Gemma 3 270M, greedy: 12 of 32 chat replies changed with a reused prefix). Measured
     # cost on this CPU: prefill at 436 instead of 618 tok/s (Gemma 3 270M, 2 threads).
     exact_prefill: bool = True
+    # llama.cpp RPC servers ('host:port') whose devices take this model's offloaded layers
+    # (`n_gpu_layers`); empty: this machine's own devices only.
+    rpc: tuple[str, ...] = ()
 
 
 class _Weights:
@@ -119,6 +236,13 @@ class _Weights:
         params = lib.llama_model_default_params()
         params.n_gpu_layers = options.n_gpu_layers
         params.use_extra_bufts = options.repack_weights
+        # Which devices take offloaded layers: the given RPC servers', or only local ones (a model
+        # without --rpc stays on this machine even when another model registered a server).
+        self.devices = None
+        if options.rpc or _rpc_devices:
+            chosen = connect_rpc(options.rpc) if options.rpc else local_offload_devices()
+            self.devices = (ctypes.c_void_p * (len(chosen) + 1))(*chosen, None)  # NULL-terminated; kept alive
+            params.devices = ctypes.cast(self.devices, ctypes.c_void_p)
         self.lib = lib
         self.ptr = lib.llama_model_load_from_file(str(path).encode(), params)
         if not self.ptr:

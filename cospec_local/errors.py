@@ -23,3 +23,8 @@ class RollbackError(CospecError):
 
 class EngineBusyError(CospecError):
     """A second generation was started on models that are still generating (one at a time)."""
+
+
+class RpcError(CospecError):
+    """An RPC server (llama.cpp's distributed backend) cannot be used: unreachable, refused, or
+    this build of llama.cpp has no RPC backend."""

@@ -71,3 +71,38 @@ def test_the_console_script_generates_from_the_installed_wheel(installed, tmp_pa
     chat = subprocess.run([venv / "bin" / "cospec-local", "chat", *args[2:-1]], input="add 1 2\n", capture_output=True,
                           text=True, cwd=tmp_path, env=env, timeout=120)
     assert chat.returncode == 0, chat.stderr
+
+
+def test_the_installed_rpc_server_serves_the_installed_client(installed, tmp_path):
+    """`cospec-local rpc-server` from the wheel lends its CPU to `cospec-local generate --rpc` from the
+    wheel, and the offloaded target decodes as the local one."""
+    import socket
+    import time
+
+    _, venv, _ = installed
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    server = subprocess.Popen([venv / "bin" / "cospec-local", "rpc-server", "--port", str(port), "--threads", "1"],
+                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "rpc-server did not come up"
+                time.sleep(0.2)
+        args = ["generate", "add 12 34", "--target", str(FAMILY / "target.gguf"), "--mode", "target", "--ctx-size", "512",
+                "--threads", "1", "--temperature", "0", "--max-tokens", "24", "--json"]
+        remote = subprocess.run([venv / "bin" / "cospec-local", *args, "--rpc", f"127.0.0.1:{port}", "--target-ngl", "99"],
+                                capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+        assert remote.returncode == 0, remote.stderr
+        local = subprocess.run([venv / "bin" / "cospec-local", *args], capture_output=True, text=True, cwd=tmp_path, env=env,
+                               timeout=120)
+        assert json.loads(remote.stdout)["text"] == json.loads(local.stdout)["text"]
+    finally:
+        server.terminate()
+        server.wait(30)
