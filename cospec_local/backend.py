@@ -121,6 +121,35 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+_abort_callback_c = None
+
+
+def _on_ggml_abort(message: bytes) -> None:
+    # llama.cpp aborts the process when an RPC server goes away mid-computation; it cannot be
+    # recovered from in-process, but it can end with a clear message instead of a core dump.
+    text = message.decode("utf-8", "replace")
+    if "RPC" in text:
+        sys.stderr.write(
+            "\nerror: an RPC server went away in the middle of a computation (llama.cpp: "
+            f"{text.strip()}).\nllama.cpp's RPC client cannot recover from this inside the process: restart the "
+            "command once the server is back (this conversation is lost).\n"
+        )
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stderr.write(text + "\n")  # anything else: llama.cpp's own abort follows
+
+
+def _install_rpc_abort_handler() -> None:
+    global _abort_callback_c
+    if _abort_callback_c is None:
+        lib = _ggml()
+        callback_type = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+        _abort_callback_c = callback_type(_on_ggml_abort)  # kept: C holds it
+        lib.ggml_set_abort_callback.argtypes = [callback_type]
+        lib.ggml_set_abort_callback.restype = ctypes.c_void_p
+        lib.ggml_set_abort_callback(_abort_callback_c)
+
+
 def connect_rpc(endpoints) -> list[int]:
     """Register llama.cpp RPC servers (once per process) and return their devices. Each server is
     first reached with a plain TCP connection and a timeout, so an unreachable or refusing server
@@ -140,6 +169,7 @@ def connect_rpc(endpoints) -> list[int]:
             raise RpcError(f"cannot reach the RPC server at {endpoint}: {reason} (is `cospec-local rpc-server` "
                            "running there, and the port open?)") from None
         add_server = _rpc_proc("ggml_backend_rpc_add_server", ctypes.c_void_p, ctypes.c_char_p)
+        _install_rpc_abort_handler()
         reg = add_server(endpoint.encode())
         if not reg:
             raise RpcError(f"the RPC server at {endpoint} reports no devices")

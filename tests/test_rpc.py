@@ -90,3 +90,34 @@ def test_rpc_server_warns_when_bound_beyond_loopback():
             proc.terminate()
             _, err = proc.communicate(timeout=30)
     assert "no authentication" in err
+
+
+@pytest.mark.slow
+def test_a_server_that_goes_away_mid_generation_ends_the_command_with_a_clear_error(default_pair_paths):
+    """llama.cpp's RPC client aborts the process when its server disappears mid-computation; the
+    command must end promptly with exit status 1 and a message saying what happened (not a core
+    dump), after streaming what it had generated."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "cli.main", "rpc-server", "--port", str(port)], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        client = subprocess.Popen([sys.executable, "-m", "cli.main", "generate", "The history of the Roman Empire", "--mode",
+                                   "target", "--max-tokens", "900", "--temperature", "0", "--rpc", f"127.0.0.1:{port}",
+                                   "--target-ngl", "99"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first = client.stdout.read(20)  # generation under way
+        assert first
+        server.kill()
+        out, err = client.communicate(timeout=60)
+    finally:
+        server.kill()
+        server.wait()
+    assert client.returncode == 1
+    assert "an RPC server went away in the middle of a computation" in err and "restart the command" in err
