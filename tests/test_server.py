@@ -262,6 +262,11 @@ def test_a_client_dropped_mid_stream_frees_its_slot_and_weights_are_shared(defau
                                     extra_body={"mode": "target"})
         next(iter(busy))
         one.abandon("/v1/completions", long_request, after=0.5)
+        closed = 'cospec_requests_total{endpoint="/v1/completions",status="499"}'
+        deadline = time.monotonic() + 10
+        while one.metrics().get(closed, 0) < 1:  # noticed while the slot is still busy
+            assert time.monotonic() < deadline, "the queued request's disconnect was never noticed"
+            time.sleep(0.1)
         busy.close()
         c.completions.create(model="x", prompt="The capital of France is", max_tokens=8, temperature=0)
         m = one.metrics()
