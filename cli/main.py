@@ -581,9 +581,24 @@ def rpc_server(host, port, threads):
     from cospec_local.backend import default_threads, start_rpc_server
     from cospec_local.server import is_loopback
 
+    import ipaddress
+    import socket
+
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        raise click.UsageError(f"--host {host}: llama.cpp's RPC server binds IPv4 addresses only (e.g. 127.0.0.1, 0.0.0.0)")
     if not is_loopback(host):
         click.echo(f"warning: binding {host}: llama.cpp's RPC has no authentication or encryption; anyone who can "
                    f"reach {host}:{port} can run computations on this machine. Use it only on a trusted network.", err=True)
+    # llama.cpp's server returns silently when it cannot listen: try the address first.
+    try:
+        with socket.socket() as probe:
+            probe.bind((host, port))
+    except OSError as e:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {e.strerror or e}")
     errors = []
 
     def run():
@@ -598,14 +613,16 @@ def rpc_server(host, port, threads):
     server.join(0.5)
     if errors:
         raise errors[0]
+    if not server.is_alive():
+        raise click.ClickException(f"llama.cpp's RPC server did not start on {host}:{port} (see its output above)")
     click.echo(f"cospec-local rpc-server listening on {host}:{port}; Ctrl-C stops", err=True)
     try:
         while server.is_alive():
             server.join(1.0)
     except KeyboardInterrupt:
         click.echo("(stopped)", err=True)
-    if errors:
-        raise errors[0]
+        return
+    raise click.ClickException(errors[0] if errors else "llama.cpp's RPC server stopped")
 
 
 def main():

@@ -67,7 +67,7 @@ def _init_backend(verbose: bool | None) -> None:
 
 # -- llama.cpp's RPC backend (remote devices) ---------------------------------------------------------
 RPC_CONNECT_TIMEOUT = 5.0  # seconds to reach a server before giving up with a clear error
-_GGML_DEVICE_TYPE_CPU = 0
+_GGML_DEVICE_TYPE_CPU, _GGML_DEVICE_TYPE_GPU, _GGML_DEVICE_TYPE_IGPU = 0, 1, 2
 _rpc_devices: dict[str, list[int]] = {}  # endpoint -> its registered device pointers
 _ggml_lib = None
 
@@ -89,6 +89,7 @@ def _ggml():
             "ggml_backend_dev_type": ([ctypes.c_void_p], ctypes.c_int),
             "ggml_backend_dev_name": ([ctypes.c_void_p], ctypes.c_char_p),
             "ggml_backend_dev_by_type": ([ctypes.c_int], ctypes.c_void_p),
+            "ggml_print_backtrace": ([], None),
         }
         for name, (args, res) in sigs.items():
             fn = getattr(lib, name)
@@ -128,7 +129,7 @@ def _on_ggml_abort(message: bytes) -> None:
     # llama.cpp aborts the process when an RPC server goes away mid-computation; it cannot be
     # recovered from in-process, but it can end with a clear message instead of a core dump.
     text = message.decode("utf-8", "replace")
-    if "RPC" in text:
+    if "rpc" in text.lower():  # ggml-rpc.cpp's aborts (its path or its message name RPC)
         sys.stderr.write(
             "\nerror: an RPC server went away in the middle of a computation (llama.cpp: "
             f"{text.strip()}).\nllama.cpp's RPC client cannot recover from this inside the process: restart the "
@@ -136,7 +137,11 @@ def _on_ggml_abort(message: bytes) -> None:
         )
         sys.stderr.flush()
         os._exit(1)
-    sys.stderr.write(text + "\n")  # anything else: llama.cpp's own abort follows
+    sys.stderr.write(text + "\n")  # anything else: what ggml's default would print, then its abort
+    try:
+        _ggml().ggml_print_backtrace()
+    except Exception:
+        pass
 
 
 def _install_rpc_abort_handler() -> None:
@@ -186,12 +191,13 @@ def local_offload_devices() -> list[int]:
     RPC server's."""
     lib = _ggml()
     remote = {d for found in _rpc_devices.values() for d in found}
-    out = []
+    kinds = {}
     for i in range(lib.ggml_backend_dev_count()):
         dev = lib.ggml_backend_dev_get(i)
-        if dev not in remote and lib.ggml_backend_dev_type(dev) != _GGML_DEVICE_TYPE_CPU:
-            out.append(dev)
-    return out
+        if dev not in remote:
+            kinds.setdefault(lib.ggml_backend_dev_type(dev), []).append(dev)
+    # As llama.cpp chooses: GPUs, else integrated GPUs; never CPU or accelerator devices (BLAS...).
+    return kinds.get(_GGML_DEVICE_TYPE_GPU) or kinds.get(_GGML_DEVICE_TYPE_IGPU) or []
 
 
 def start_rpc_server(host: str, port: int, n_threads: int) -> None:

@@ -45,7 +45,7 @@ class GenerationConfig:
         DEFAULT_DRAFT_MAX, "Maximum draft tokens per verification (k); on the CPU at most 6, so that the target's "
         "7-token verification batch gives bit-identical logits to target-only decoding.", flag="-k/--draft-max"
     )
-    draft_source: str = _opt("model", "spec mode: who proposes: model (the draft), ngram (prompt lookup: tokens that followed "
+    draft_source: str = _opt("model", "spec mode (other modes ignore it): who proposes: model (the draft), ngram (prompt lookup: tokens that followed "
                              "the context's latest suffix earlier in the context; no draft model needed), or ngram+model "
                              "(n-gram when it has a match, the draft otherwise).")
     draft_p_min: float = _opt(0.3, "Stop drafting when the draft's top probability falls below this.")
@@ -75,8 +75,6 @@ class GenerationConfig:
             raise ValueError("temperature must be >= 0")
         if self.draft_source not in DRAFT_SOURCES:
             raise ValueError(f"draft_source must be one of {DRAFT_SOURCES}, not {self.draft_source!r}")
-        if self.draft_source != "model" and self.mode != "spec":
-            raise ValueError(f"draft_source {self.draft_source!r} works in spec mode only, not {self.mode!r}")
         if self.combine not in COMBINATIONS:
             raise ValueError(f"combine must be one of {COMBINATIONS}, not {self.combine!r}")
         if self.mu < 0:

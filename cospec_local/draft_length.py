@@ -88,7 +88,9 @@ class AdaptiveDraftLength:
         if self.spec_tpt is None:
             return self.best_draft_length(k_max)
         if self.target_tpt is None:
-            return 0
+            # No plain target step measured yet: try one, unless proposals are free (n-gram), which
+            # then keep going (with a model draft beside it, target steps may not come for long).
+            return k_max if self.full_length else 0
         drafting_wins = self.spec_tpt <= self.target_tpt
         self.since_probe += 1
         if self.since_probe >= self.probe_every:  # re-try the losing option
@@ -98,12 +100,11 @@ class AdaptiveDraftLength:
         return self.best_draft_length(k_max) if drafting_wins else 0
 
     def new_input(self) -> None:
-        """Forget what was learned about acceptance and drafting-vs-target-steps (kept: the
-        target's cost fit and the draft's step time). For sources whose usefulness depends on the
+        """Forget what was learned about acceptance and about drafting's time per token (kept: the
+        target's cost fit and its plain-step time, and the draft's step time). For sources whose usefulness depends on the
         input itself, such as n-gram lookups, at each new generation."""
         self.successes, self.failures = 1.6, 0.4
-        self._spec = (0.0, 0.0)
-        self._target = (0.0, 0.0)
+        self._spec = (0.0, 0.0)  # the target-step time (_target) does not depend on the input: kept
         self.since_probe = 0
         self.probe_every = self.FIRST_PROBE
 

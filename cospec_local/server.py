@@ -306,7 +306,10 @@ class Job:
         self.queue.put_nowait(_END)
 
     def cancel(self) -> None:
-        self.worker.conversation.cancel()
+        """Stop this job's generation. A no-op once the job has handed its worker back (on the
+        event loop, like every caller): the worker's conversation may already serve another job."""
+        if self.worker.job is self:
+            self.worker.conversation.cancel()
 
     async def next(self):
         """The next event, an exception the generation raised, or _END."""

@@ -251,3 +251,19 @@ def test_winner_change_resets_the_probe_interval():
     results = [policy.choose(4) for _ in range(AdaptiveDraftLength.FIRST_PROBE)]
     assert 0 in results
     assert results.count(4) >= AdaptiveDraftLength.FIRST_PROBE - 1
+
+
+def test_a_free_proposer_keeps_proposing_before_any_target_step_and_keeps_target_costs_per_input():
+    """The n-gram policy (full_length): with no plain target step measured it goes on proposing (in
+    ngram+model mode target steps may not come for long), and a new input forgets acceptance and
+    drafting's time per token but not the target step's."""
+    policy = AdaptiveDraftLength(full_length=True)
+    policy.observe_cycle(6, 0.010, 7)
+    assert [policy.choose(6) for _ in range(10)] == [6] * 10
+    policy.observe_cycle(0, 0.004, 1)
+    policy.new_input()
+    assert policy.spec_tpt is None and policy.target_tpt == pytest.approx(0.004)
+    assert policy.alpha == pytest.approx(0.8)
+    model_draft = AdaptiveDraftLength()
+    model_draft.observe_cycle(3, 0.010, 4)
+    assert model_draft.choose(6) == 0  # a model draft still measures a target step first

@@ -90,6 +90,12 @@ def test_rpc_server_warns_when_bound_beyond_loopback():
             proc.terminate()
             _, err = proc.communicate(timeout=30)
     assert "no authentication" in err
+    assert proc.returncode == 1 and f"cannot listen on 0.0.0.0:{port}" in err  # not a silent "listening"
+
+
+def test_rpc_server_refuses_addresses_llama_cpp_cannot_bind():
+    out = cli("rpc-server", "--host", "::1", "--port", free_port(), timeout=60)
+    assert out.returncode != 0 and "IPv4 addresses only" in out.stderr
 
 
 @pytest.mark.slow

@@ -282,3 +282,40 @@ def test_a_client_dropped_mid_stream_frees_its_slot_and_weights_are_shared(defau
     growth = rss_four - rss_one
     print(f"RSS: P=1 {rss_one:.0f} MiB, P=4 {rss_four:.0f} MiB, +{growth / 3:.0f} MiB per extra slot; weights {weights_mib:.0f} MiB")
     assert growth < 0.5 * weights_mib  # a copy of the weights per slot would add 3 x weights_mib
+
+
+def test_a_late_cancel_of_a_finished_job_does_not_stop_the_next_one_on_its_worker():
+    """A client that goes away after its reply ended (its worker already serving the next request)
+    must not cancel that next request: the cancel flag lives on the worker's conversation."""
+    import asyncio
+    import types
+
+    from fake_backend import make_engine
+
+    from cospec_local.config import GenerationConfig
+    from cospec_local.engine import DoneEvent
+    from cospec_local.server import _END, Job, Metrics, Worker, WorkerPool
+
+    engine, _ = make_engine((11, 22))
+    config = GenerationConfig(mode="spec", temperature=0, max_tokens=40, adaptive=False)
+
+    async def drain(job):
+        done = None
+        while (item := await job.next()) is not _END:
+            if isinstance(item, DoneEvent):
+                done = item
+        return done
+
+    async def main():
+        pool = WorkerPool([Worker(0, types.SimpleNamespace(engine=engine))], Metrics(1))
+        loop = asyncio.get_running_loop()
+        worker = await pool.acquire([1, 2, 3])
+        first = Job(pool, worker, engine.stream([1, 2, 3], config, conversation=worker.conversation), loop)
+        assert (await drain(first)).finish_reason != "cancelled"
+        worker = await pool.acquire([1, 2, 3])
+        events = engine.stream([1, 2, 3], config, conversation=worker.conversation)
+        first.cancel()  # the first client hangs up late, as the next request starts on its worker
+        return await drain(Job(pool, worker, events, loop))
+
+    done = asyncio.run(main())
+    assert done.finish_reason == "length" and done.stats.n_generated == 40
