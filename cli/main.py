@@ -537,11 +537,11 @@ def serve(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft
     /v1/models, /health, /metrics. The decoding flags set the defaults; a request may override
     them with the extension fields mode, draft_max, combine, weights, mu, gamma, threshold, top_k, min_p."""
     try:
-        from cospec_local.server import ServerSettings, is_loopback
+        from cospec_local.server import ServerSettings
         from cospec_local.server import serve as run_server
     except ImportError as e:
         raise click.ClickException(f"the server needs the 'server' extra: pip install 'cospec-local[server]' ({e})") from e
-    from cospec_local.backend import default_threads
+    from cospec_local.backend import default_threads, is_loopback
 
     config = build_config(GenerationConfig(), kwargs)
     if threads is None:  # the slots decode side by side: share the cores between them
@@ -578,8 +578,7 @@ def rpc_server(host, port, threads):
     machine). RPC has NO authentication: anyone who can reach the port can use it."""
     import threading
 
-    from cospec_local.backend import default_threads, start_rpc_server
-    from cospec_local.server import is_loopback
+    from cospec_local.backend import default_threads, is_loopback, start_rpc_server
 
     import ipaddress
     import socket

@@ -85,16 +85,17 @@ class Pair:
         except Exception:
             self.close()
             raise
+        self.eog_ids = self.target.eog_ids()  # scans the vocabulary once; replicas reuse it
         self._assemble()
 
-    def _assemble(self, eog_ids=None) -> None:
+    def _assemble(self) -> None:
         slots = []
         if self.draft is not None:
             slots.append(ModelSlot("draft", self.draft, self.report.token_map))
         slots.append(ModelSlot("target", self.target))
         for i, (model, report) in enumerate(zip(self.extra, self.extra_reports), start=1):
             slots.append(ModelSlot(f"model{i}", model, report.token_map))
-        self.engine = Engine(slots, self.target.eog_ids() if eog_ids is None else eog_ids)
+        self.engine = Engine(slots, self.eog_ids)
         # The conversation of plain generate/stream calls: consecutive calls reuse its cache and
         # its learned draft length. Chats have their own (`chat()`).
         self.conversation = self.engine.new_conversation()
@@ -104,7 +105,7 @@ class Pair:
         own engine): a second conversation can decode in parallel, on another thread, at the cost
         of the KV caches only. Close it before the Pair it came from."""
         twin = object.__new__(Pair)
-        twin.report, twin.extra_reports = self.report, self.extra_reports
+        twin.report, twin.extra_reports, twin.eog_ids = self.report, self.extra_reports, self.eog_ids
         twin.target, twin.draft, twin.extra = None, None, []
         try:
             twin.target = self.target.new_context(n_threads)
@@ -115,7 +116,7 @@ class Pair:
         except Exception:
             twin.close()
             raise
-        twin._assemble(sorted(self.engine._eog))
+        twin._assemble()
         return twin
 
     def close(self) -> None:

@@ -122,6 +122,11 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach."""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 _abort_callback_c = None
 
 

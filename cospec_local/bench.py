@@ -58,8 +58,8 @@ GROUNDED_PROMPTS = [
     "| 1 | 1 | 1 |\n| 2 | 4 | 8 |\n| 3 | 9 | 27 |\n| 4 | 16 | 64 |\n|",
 ]
 PROMPT_SETS = {"open": BENCH_PROMPTS, "grounded": GROUNDED_PROMPTS}
-# Bench names for spec mode with an n-gram proposer.
-DRAFT_SOURCE_MODES = {"ngram": "ngram", "ngram+model": "ngram+model"}
+# Bench names for spec mode with an n-gram proposer (the name is the --draft-source).
+DRAFT_SOURCE_MODES = ("ngram", "ngram+model")
 
 
 def measure_costs(pair, repeats: int = 30, max_rows: int = 9, prompt: str = BENCH_PROMPTS[0]) -> dict:
@@ -149,7 +149,7 @@ def _run(pair, config: GenerationConfig, prompts, max_tokens: int) -> dict:
         out["tokens"] += s.n_generated
         out["t_decode"] += s.t_decode
         out["t_overhead"] += s.t_overhead
-        out["t_outside_llama"] += s.outside_llama_per_token * s.n_generated
+        out["t_outside_llama"] += max(s.t_prefill + s.t_decode - s.t_llama, 0.0)
         out["target_steps"] += s.n_target_steps
         out["calls"] += s.total_model_calls
         out["accepted"] += s.accepted_lengths
@@ -174,7 +174,7 @@ def run_bench(
     from tqdm import tqdm
 
     base = config or GenerationConfig(temperature=0.0)
-    configs = {name: replace(base, mode="spec", draft_source=DRAFT_SOURCE_MODES[name]) if name in DRAFT_SOURCE_MODES
+    configs = {name: replace(base, mode="spec", draft_source=name) if name in DRAFT_SOURCE_MODES
                else replace(base, mode=name) for name in (modes or ["spec"])}
     for k in sweep_k or []:
         configs[f"spec_k{k}"] = replace(base, mode="spec", draft_max=k, adaptive=False)
@@ -256,9 +256,10 @@ def run_bench(
         predicted = None
         if cfg.mode == "spec" and baseline == "target" and cycles:
             # An n-gram lookup costs nothing next to a model call: c = 0 (ngram+model mixes both).
-            predicted = predicted_speedup(alpha, gamma, 0.0 if cfg.draft_source == "ngram" else c)
+            c_mode = 0.0 if cfg.draft_source == "ngram" else c
+            predicted = predicted_speedup(alpha, gamma, c_mode)
             m["predicted_speedup_with_verify_cost"] = predicted_speedup_with_verify_cost(
-                alpha, gamma, 0.0 if cfg.draft_source == "ngram" else c, verify_ratio(costs, gamma + 1))
+                alpha, gamma, c_mode, verify_ratio(costs, gamma + 1))
             m["achieved_over_predicted_with_verify_cost"] = m["speedup_median"] / m["predicted_speedup_with_verify_cost"]
             # What a draft that costs nothing (c = 0) with the same acceptance would reach: the
             # ceiling that the target's verification cost alone sets on this machine.

@@ -370,7 +370,7 @@ class Engine:
             # 1. Reuse each cache's longest prefix of the context, then prefill the rest (no logits).
             for slot in slots:
                 slot.seconds, slot.calls = 0.0, 0
-            llama0 = sum(getattr(slot.model, "decode_seconds", 0.0) for slot in slots)
+            llama0 = sum(slot.model.decode_seconds for slot in slots)
             lazy = plan.proposer if plan.windowed_proposer and policy is not None and policy.drafting_loses else None
             reused = {}
             for i in plan.active:
@@ -441,7 +441,7 @@ class Engine:
                     if slot.calls:
                         stats.model_calls[slot.name] = slot.calls
                         stats.t_models[slot.name] = slot.seconds
-                stats.t_llama = sum(getattr(slot.model, "decode_seconds", 0.0) for slot in slots) - llama0
+                stats.t_llama = sum(slot.model.decode_seconds for slot in slots) - llama0
                 stats.finish_reason = finish
                 conv.last_stats = stats
             finally:
@@ -561,9 +561,10 @@ class Engine:
         t0 = time.perf_counter()
         rows = slot.score(context, pending, None if plan.bonus_row else len(pending))
         if policy is not None and rows:
-            policy.observe_target(len(rows), time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            policy.observe_target(len(rows), seconds)
             if ngram_policy is not None:  # the same target: both policies learn its costs
-                ngram_policy.observe_target(len(rows), time.perf_counter() - t0)
+                ngram_policy.observe_target(len(rows), seconds)
         if plan.extend_with_bonus and len(pending) < limit:
             token, _ = self._draw(slot, len(pending), config.sampling, rng, 0.0)
             pending.append(token)

@@ -38,10 +38,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .api import Pair
 from .chat import ChatTemplate
 from .config import GenerationConfig
-from .engine import DoneEvent, TokenEvent
+from .engine import DoneEvent
 from .errors import ContextOverflowError, CospecError
+from .slots import common_prefix
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 # -- errors ------------------------------------------------------------------------------------------
@@ -177,13 +177,7 @@ class Worker:
 
     def cached_prefix(self, tokens: list[int]) -> int:
         """How many leading tokens of `tokens` this slot's target cache already holds."""
-        history = self.pair.engine.slots[self.pair.engine.target_index].history
-        n = 0
-        for a, b in zip(history, tokens):
-            if a != b:
-                break
-            n += 1
-        return n
+        return common_prefix(self.pair.engine.slots[self.pair.engine.target_index].history, tokens)
 
 
 class WorkerPool:
@@ -192,12 +186,12 @@ class WorkerPool:
     def __init__(self, workers: list[Worker], metrics: Metrics):
         self.workers = workers
         self.metrics = metrics
-        self._waiters: collections.deque[tuple[asyncio.Future, list[int]]] = collections.deque()
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()  # FIFO: handed over in order
         self.longest_wait = 0.0
 
     @property
     def n_waiting(self) -> int:
-        return sum(1 for fut, _ in self._waiters if not fut.done())
+        return sum(1 for fut in self._waiters if not fut.done())
 
     @property
     def n_busy(self) -> int:
@@ -217,19 +211,18 @@ class WorkerPool:
             worker.busy = True
             self._update()
             return worker
-        else:
-            future = asyncio.get_running_loop().create_future()
-            self._waiters.append((future, tokens))
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        self._update()
+        try:
+            worker = await future
+        except asyncio.CancelledError:
+            # Gone while queued. If a worker was handed over at the same moment, pass it on.
+            if future.done() and not future.cancelled():
+                self.release(future.result())
+            raise
+        finally:
             self._update()
-            try:
-                worker = await future
-            except asyncio.CancelledError:
-                # Gone while queued. If a worker was handed over at the same moment, pass it on.
-                if future.done() and not future.cancelled():
-                    self.release(future.result())
-                raise
-            finally:
-                self._update()
         waited = time.perf_counter() - t0
         self.metrics.queue_wait.observe(waited)
         self.longest_wait = max(self.longest_wait, waited)
@@ -241,7 +234,7 @@ class WorkerPool:
         """Give `worker` to the first live waiter, or mark it free."""
         worker.job = None
         while self._waiters:
-            future, _ = self._waiters.popleft()
+            future = self._waiters.popleft()
             if not future.done():
                 future.set_result(worker)  # stays busy: handed over
                 self._update()
@@ -657,10 +650,6 @@ def shutdown(app: FastAPI) -> None:
         job = worker.job
         if job is not None:
             job.thread.join()
-
-
-def is_loopback(host: str) -> bool:
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
 
 
 def serve(pair: Pair, settings: ServerSettings, host: str, port: int, parallel: int, slot_threads: int | None = None,

@@ -26,6 +26,16 @@ import numpy as np
 from .pair import TokenMap
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class ModelSlot:
     """One participating model: its llama.cpp model, id map, cache bookkeeping and row queue."""
 
@@ -69,12 +79,7 @@ class ModelSlot:
     def prepare(self, context: list[int]) -> int:
         """Keep the longest cached prefix of `context` (all but its last token, whose logits start
         a reply); return how many context tokens the cache still covers."""
-        common = 0
-        for a, b in zip(self.history, context):
-            if a != b:
-                break
-            common += 1
-        self.rollback(min(common, len(context) - 1))
+        self.rollback(min(common_prefix(self.history, context), len(context) - 1))
         self.clear_rows()
         return self.synced
 

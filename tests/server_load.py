@@ -34,6 +34,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Wait until something listens on loopback `port`; fail if `proc` exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server process exited with {proc.returncode} before listening on {port}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listened on port {port} within {timeout:.0f} s")
+            time.sleep(0.2)
+
+
 class ServerProcess:
     """A `cospec-local serve` subprocess on a free loopback port."""
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from server_load import FAMILY_MODELS, ROOT, free_port
+from server_load import FAMILY_MODELS, ROOT, free_port, wait_for_port
 
 PROMPT = "add 12 34"
 
@@ -30,19 +30,12 @@ def generate(mode: str, *extra) -> str:
 def rpc_server():
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "cli.main", "rpc-server", "--port", str(port), "--threads", "1"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 60
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"rpc-server exited: {proc.stdout.read()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("rpc-server did not listen in time")
-            time.sleep(0.2)
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, proc)
+    except RuntimeError:
+        proc.kill()
+        raise
     yield f"127.0.0.1:{port}"
     proc.terminate()
     proc.wait(30)
@@ -107,14 +100,7 @@ def test_a_server_that_goes_away_mid_generation_ends_the_command_with_a_clear_er
     server = subprocess.Popen([sys.executable, "-m", "cli.main", "rpc-server", "--port", str(port)], cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+        wait_for_port(port, server)
         client = subprocess.Popen([sys.executable, "-m", "cli.main", "generate", "The history of the Roman Empire", "--mode",
                                    "target", "--max-tokens", "900", "--temperature", "0", "--rpc", f"127.0.0.1:{port}",
                                    "--target-ngl", "99"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -77,7 +77,8 @@ def test_the_installed_rpc_server_serves_the_installed_client(installed, tmp_pat
     """`cospec-local rpc-server` from the wheel lends its CPU to `cospec-local generate --rpc` from the
     wheel, and the offloaded target decodes as the local one."""
     import socket
-    import time
+
+    from server_load import wait_for_port
 
     _, venv, _ = installed
     with socket.socket() as s:
@@ -87,14 +88,7 @@ def test_the_installed_rpc_server_serves_the_installed_client(installed, tmp_pat
     server = subprocess.Popen([venv / "bin" / "cospec-local", "rpc-server", "--port", str(port), "--threads", "1"],
                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "rpc-server did not come up"
-                time.sleep(0.2)
+        wait_for_port(port, server)
         args = ["generate", "add 12 34", "--target", str(FAMILY / "target.gguf"), "--mode", "target", "--ctx-size", "512",
                 "--threads", "1", "--temperature", "0", "--max-tokens", "24", "--json"]
         remote = subprocess.run([venv / "bin" / "cospec-local", *args, "--rpc", f"127.0.0.1:{port}", "--target-ngl", "99"],
