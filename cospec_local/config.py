@@ -43,7 +43,8 @@ class GenerationConfig:
     mode: str = _opt("spec", "Decoding mode: spec, target, draft, collab, cos, cos-naive or cospec.")
     draft_max: int = _opt(
         DEFAULT_DRAFT_MAX, "Maximum draft tokens per verification (k); on the CPU at most 6, so that the target's "
-        "7-token verification batch gives bit-identical logits to target-only decoding.", flag="-k/--draft-max"
+        "7-token verification batch gives bit-identical logits to target-only decoding. cospec's batch has no bonus "
+        "row, so there the draft writes up to k + 1 tokens.", flag="-k/--draft-max"
     )
     draft_source: str = _opt("model", "spec mode (other modes ignore it): who proposes: model (the draft), ngram (prompt lookup: tokens that followed "
                              "the context's latest suffix earlier in the context; no draft model needed), or ngram+model "

@@ -145,3 +145,65 @@ class AdaptiveDraftLength:
     def observe_acceptance(self, n_proposed: int, n_accepted: int) -> None:
         self.successes = self.decay * self.successes + n_accepted
         self.failures = self.decay * self.failures + (1 if n_accepted < n_proposed else 0)
+
+
+class MeasuredDraftLength:
+    """cospec: how many tokens the draft writes per verification, chosen by measured speed.
+
+    In cospec the draft writes every token and the arbiter may keep its tokens where the target
+    disagrees, so acceptance is neither geometric in the position nor independent of the run's
+    alignment with the answer's structure, and AdaptiveDraftLength's cost model is flat near its
+    optimum: it picked the longest run (6) where 4 was 4-7% faster on `add`, while 7 was best on
+    `count`. So lengths are compared by what they measure: decayed sums of seconds and emitted
+    tokens per length (their ratio is the time per token, as in AdaptiveDraftLength). The fastest
+    measured length is used; every PROBE_EVERY cycles, PROBE_CYCLES cycles at a neighbouring length
+    (alternately shorter and longer) keep the comparison current. Lives in the conversation, like
+    AdaptiveDraftLength.
+    """
+
+    PROBE_EVERY, PROBE_CYCLES = 10, 2
+
+    def __init__(self, decay: float = 0.95):
+        self.decay = decay  # per observation of a length: ~20 cycles of memory each
+        self.arms: dict[int, tuple[float, float]] = {}  # length -> decayed (seconds, tokens)
+        self.current: int | None = None  # the length in use (None: not yet chosen)
+        self.since_probe = 0
+        self.probe: int | None = None  # the length being probed
+        self.probe_left = 0
+        self.step = -1  # direction of the next probe
+
+    def time_per_token(self, n: int) -> float | None:
+        """Measured seconds per emitted token when the draft wrote `n` tokens (None: never)."""
+        seconds, tokens = self.arms.get(n, (0.0, 0.0))
+        return seconds / tokens if tokens else None
+
+    def choose(self, n_max: int) -> int:
+        """The length for the next cycle, in [1, n_max] (n_max: the most this cycle may hold)."""
+        if n_max < 1:
+            return 0
+        if self.current is None:
+            self.current = n_max  # long runs are the usual winner: start there and probe down
+        if self.probe is None:
+            self.since_probe += 1
+            if self.since_probe >= self.PROBE_EVERY:
+                self.since_probe = 0
+                candidate = self.current + self.step
+                if not 1 <= candidate <= n_max:
+                    candidate = self.current - self.step
+                self.step = -self.step
+                if 1 <= candidate <= n_max:
+                    self.probe, self.probe_left = candidate, self.PROBE_CYCLES
+        return min(self.probe if self.probe is not None else self.current, n_max)
+
+    def observe(self, n: int, seconds: float, n_tokens: int) -> None:
+        """A cycle where the draft was asked for `n` tokens emitted `n_tokens` in `seconds`."""
+        d = self.decay
+        s, t = self.arms.get(n, (0.0, 0.0))
+        self.arms[n] = (d * s + seconds, d * t + n_tokens)
+        if self.probe is not None and n == self.probe:
+            self.probe_left -= 1
+            if self.probe_left <= 0:
+                probed, current = self.time_per_token(self.probe), self.time_per_token(self.current)
+                if current is None or probed < current:
+                    self.current = self.probe
+                self.probe = None

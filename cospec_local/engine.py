@@ -25,10 +25,12 @@ The modes, in these terms:
                    appends its own sample (the bonus) to the proposal; when everything before it
                    is accepted, its owner drafts up to its gamma (two models: the Alternate
                    Proposal Framework; n models: the paper's queue scheme);
-  cospec           member: target; the draft proposes every token (no bonus row); at a mismatch a
-                   learned policy may keep the draft's token (`arbiter.ArbitratingVerifier`).
+  cospec           member: target; the draft proposes every token (no bonus row), up to k + 1 per
+                   verification, the run length chosen by measured speed (`MeasuredDraftLength`);
+                   at a mismatch a learned policy may keep the draft's token
+                   (`arbiter.ArbitratingVerifier`).
 
-Per-conversation state (`Conversation`) holds the context, the RNG and the draft-length policy; the
+Per-conversation state (`Conversation`) holds the context, the RNG and the draft-length policies; the
 engine holds the slots and runs one conversation at a time. A slot's cache may run ahead of the
 committed context (pending tokens, or accepted tokens not yet emitted); a consumer that stops early
 leaves the engine ready for the next call: `finally` drops the rows and trims caches to the context.
@@ -46,7 +48,7 @@ import numpy as np
 from .arbiter import DEFAULT_POLICY, ArbitratingVerifier, OnnxPolicy
 from .combine import Combination, Contrastive, Single, WeightedEnsemble
 from .config import GenerationConfig
-from .draft_length import CATCH_UP_WINDOW, AdaptiveDraftLength
+from .draft_length import CATCH_UP_WINDOW, AdaptiveDraftLength, MeasuredDraftLength
 from .ngram import NGRAM, NgramIndex
 from .errors import ContextOverflowError, EngineBusyError
 from .sampling import logits_to_probs, sample
@@ -184,6 +186,8 @@ class Conversation:
         # and with a longer memory (one rejected run of free proposals is no reason to stop).
         self.ngram_length = AdaptiveDraftLength(probe_growth=2, cycle_decay=0.95, full_length=True)
         self.ngram_index = NgramIndex()  # follows the context
+        # cospec's run length, chosen by measured speed (see MeasuredDraftLength for why).
+        self.cospec_length = MeasuredDraftLength()
         self.rng = np.random.default_rng()
         self.last_stats: GenerationStats | None = None
         # Set from any thread to stop the running generation at the next prefill piece or round
@@ -464,11 +468,13 @@ class Engine:
                 if cycle_policy is not None:
                     if n_verified:
                         cycle_policy.observe_acceptance(n_verified, verdict.num_accepted)
+                    seconds = time.perf_counter() - t_round
                     if plan.bonus_row:  # spec's drafting-vs-target-steps comparison
-                        seconds = time.perf_counter() - t_round
                         cycle_policy.observe_cycle(k or 0, seconds, len(emitted))
                         if not k and ngram_policy is not None and cycle_policy is not ngram_policy:
                             ngram_policy.observe_cycle(0, seconds, len(emitted))  # target steps: both learn
+                    elif k:  # cospec: the speed of this run length
+                        conv.cospec_length.observe(k, seconds, len(emitted))
                 return emitted
             # Most pending tokens: scoring batches stay within `room` (cospec needs no bonus slot).
             limit = room - 1 if plan.bonus_row else room
@@ -485,13 +491,15 @@ class Engine:
             if not pending and plan.proposer is not None:
                 proposer = self._first_proposer(plan)
                 if plan.speculative:
-                    cap = min(config.draft_max, limit)
+                    # spec's batch holds k drafted tokens and the bonus row; cospec's has no bonus
+                    # row, so the draft fills the same batch with k + 1 tokens.
+                    cap = min(config.draft_max + (0 if plan.bonus_row else 1), limit)
                     if policy is None:
                         n = cap
                     elif plan.bonus_row:  # spec: k = 0 is a plain target step
                         n = k = policy.choose(cap)
-                    else:  # cospec: the draft writes every token (one more than spec's k), so it always drafts
-                        n = 1 + (policy.best_draft_length(cap - 1) if cap > 1 else 0)
+                    else:  # cospec: the draft writes every token, so it always drafts
+                        n = k = conv.cospec_length.choose(cap)
                 else:
                     n = plan.gammas[proposer]
                 if n > 0 and limit > 0:

@@ -268,3 +268,16 @@ def test_cospec_runs_to_the_last_slot_of_the_context(tmp_path, policies):
                 assert out.finish_reason in ("context", "stop")
                 if out.finish_reason == "context":
                     assert len(prompt) + out.stats.n_generated == n_ctx
+
+
+def test_cospec_runs_fill_the_verification_batch_spec_would_use(pair):
+    """spec's batch holds k drafted tokens plus the bonus row; cospec has no bonus row, so with a
+    fixed -k its draft writes k + 1 tokens per verification (and never more)."""
+    for k in (2, 5):
+        lengths = []
+        for prompt in PROMPTS:
+            out = greedy(pair, prompt, mode="cospec", draft_max=k, adaptive=False, draft_p_min=0.0)
+            lengths += out.stats.draft_lengths
+            assert out.stats.model_calls["target"] == out.stats.n_cycles
+        assert max(lengths) == k + 1
+        assert sum(n == k + 1 for n in lengths) > 0.8 * len(lengths)

@@ -267,3 +267,55 @@ def test_a_free_proposer_keeps_proposing_before_any_target_step_and_keeps_target
     model_draft = AdaptiveDraftLength()
     model_draft.observe_cycle(3, 0.010, 4)
     assert model_draft.choose(6) == 0  # a model draft still measures a target step first
+
+
+# -- MeasuredDraftLength (cospec) ------------------------------------------------------------------
+from cospec_local.draft_length import MeasuredDraftLength
+
+
+def run_measured(policy: MeasuredDraftLength, seconds_per_token, n_max: int, cycles: int) -> list[int]:
+    """Feed `cycles` cycles whose time per token is `seconds_per_token(n)` (5 tokens a cycle);
+    return the lengths chosen."""
+    chosen = []
+    for _ in range(cycles):
+        n = policy.choose(n_max)
+        chosen.append(n)
+        policy.observe(n, 5 * seconds_per_token(n), 5)
+    return chosen
+
+
+def test_measured_length_walks_to_the_fastest_length_and_stays_there():
+    """Starting at the longest run, probes of the neighbours move it down a convex cost curve to
+    its minimum (4 here); afterwards only probes leave it."""
+    P = MeasuredDraftLength
+    policy = P()
+    chosen = run_measured(policy, lambda n: 1.0 + (n - 4) ** 2, n_max=7, cycles=400)
+    assert chosen[0] == 7 and policy.current == 4
+    tail = chosen[-100:]
+    assert tail.count(4) >= 100 - (100 // P.PROBE_EVERY + 1) * P.PROBE_CYCLES
+    assert set(tail) <= {3, 4, 5}
+
+
+def test_measured_length_probes_on_schedule_alternating_directions():
+    """With every length equally fast nothing moves: PROBE_CYCLES cycles at a neighbour every
+    PROBE_EVERY cycles, shorter and longer in turn (never beyond n_max)."""
+    P = MeasuredDraftLength
+    policy = P()
+    chosen = run_measured(policy, lambda n: 1.0, n_max=7, cycles=6 * P.PROBE_EVERY + 6 * P.PROBE_CYCLES)
+    assert policy.current == 7
+    probes = [n for n in chosen if n != 7]
+    assert probes == [6] * (len(probes))  # 8 is beyond n_max: both directions fall back to 6
+    assert len(probes) == 6 * P.PROBE_CYCLES
+    policy = P()
+    run_measured(policy, lambda n: 1.0, n_max=7, cycles=1)
+    policy.current = 4  # from the middle both neighbours are probed, in turn
+    chosen = run_measured(policy, lambda n: 1.0 if n == 4 else 2.0, n_max=7, cycles=4 * (P.PROBE_EVERY + P.PROBE_CYCLES))
+    assert set(n for n in chosen if n != 4) == {3, 5} and policy.current == 4
+
+
+def test_measured_length_respects_a_smaller_cap():
+    """Near the end of the context or of max_tokens a cycle may hold fewer tokens: the choice is
+    capped, and 0 when nothing fits."""
+    policy = MeasuredDraftLength()
+    run_measured(policy, lambda n: 1.0, n_max=7, cycles=5)
+    assert policy.choose(3) == 3 and policy.choose(0) == 0 and policy.current == 7
