@@ -25,10 +25,9 @@ The modes, in these terms:
                    appends its own sample (the bonus) to the proposal; when everything before it
                    is accepted, its owner drafts up to its gamma (two models: the Alternate
                    Proposal Framework; n models: the paper's queue scheme);
-  cospec           member: target; the draft proposes every token (no bonus row), up to k + 1 per
-                   verification, the run length chosen by measured speed (`MeasuredDraftLength`);
-                   at a mismatch a learned policy may keep the draft's token
-                   (`arbiter.ArbitratingVerifier`).
+  cospec           member: target; the draft proposes every token (no bonus row), k + 1 per
+                   verification (fewer when its confidence drops); at a mismatch a learned policy
+                   may keep the draft's token (`arbiter.ArbitratingVerifier`).
 
 Per-conversation state (`Conversation`) holds the context, the RNG and the draft-length policies; the
 engine holds the slots and runs one conversation at a time. A slot's cache may run ahead of the
@@ -48,7 +47,7 @@ import numpy as np
 from .arbiter import DEFAULT_POLICY, ArbitratingVerifier, OnnxPolicy
 from .combine import Combination, Contrastive, Single, WeightedEnsemble
 from .config import GenerationConfig
-from .draft_length import CATCH_UP_WINDOW, AdaptiveDraftLength, MeasuredDraftLength
+from .draft_length import CATCH_UP_WINDOW, AdaptiveDraftLength
 from .ngram import NGRAM, NgramIndex
 from .errors import ContextOverflowError, EngineBusyError
 from .sampling import logits_to_probs, sample
@@ -186,8 +185,6 @@ class Conversation:
         # and with a longer memory (one rejected run of free proposals is no reason to stop).
         self.ngram_length = AdaptiveDraftLength(probe_growth=2, cycle_decay=0.95, full_length=True)
         self.ngram_index = NgramIndex()  # follows the context
-        # cospec's run length, chosen by measured speed (see MeasuredDraftLength for why).
-        self.cospec_length = MeasuredDraftLength()
         self.rng = np.random.default_rng()
         self.last_stats: GenerationStats | None = None
         # Set from any thread to stop the running generation at the next prefill piece or round
@@ -359,7 +356,8 @@ class Engine:
         stats = GenerationStats(n_prompt=len(context_tokens))
         text = TextStream(config.stop)
         eog = self._eog
-        policy = conv.draft_length if plan.speculative and config.adaptive else None
+        # spec's draft-length policy (cospec always fills its batch: it has none).
+        policy = conv.draft_length if plan.speculative and plan.bonus_row and config.adaptive else None
         start = getattr(verifier, "start", None)  # a verifier with per-reply state (the arbiter)
         if start is not None:
             start()
@@ -468,13 +466,11 @@ class Engine:
                 if cycle_policy is not None:
                     if n_verified:
                         cycle_policy.observe_acceptance(n_verified, verdict.num_accepted)
-                    seconds = time.perf_counter() - t_round
                     if plan.bonus_row:  # spec's drafting-vs-target-steps comparison
+                        seconds = time.perf_counter() - t_round
                         cycle_policy.observe_cycle(k or 0, seconds, len(emitted))
                         if not k and ngram_policy is not None and cycle_policy is not ngram_policy:
                             ngram_policy.observe_cycle(0, seconds, len(emitted))  # target steps: both learn
-                    elif k:  # cospec: the speed of this run length
-                        conv.cospec_length.observe(k, seconds, len(emitted))
                 return emitted
             # Most pending tokens: scoring batches stay within `room` (cospec needs no bonus slot).
             limit = room - 1 if plan.bonus_row else room
@@ -491,15 +487,16 @@ class Engine:
             if not pending and plan.proposer is not None:
                 proposer = self._first_proposer(plan)
                 if plan.speculative:
-                    # spec's batch holds k drafted tokens and the bonus row; cospec's has no bonus
-                    # row, so the draft fills the same batch with k + 1 tokens.
+                    # spec's batch holds k drafted tokens and the bonus row. cospec's has no bonus
+                    # row, so its draft fills the same batch with k + 1 tokens, always: a cycle
+                    # then covers as many positions per target call as spec's longest, and
+                    # overrides only lengthen accepted runs, so cospec never needs more target
+                    # calls per token than spec (shorter runs measured no faster here).
                     cap = min(config.draft_max + (0 if plan.bonus_row else 1), limit)
                     if policy is None:
                         n = cap
-                    elif plan.bonus_row:  # spec: k = 0 is a plain target step
+                    else:  # spec: k = 0 is a plain target step
                         n = k = policy.choose(cap)
-                    else:  # cospec: the draft writes every token, so it always drafts
-                        n = k = conv.cospec_length.choose(cap)
                 else:
                     n = plan.gammas[proposer]
                 if n > 0 and limit > 0:
