@@ -490,8 +490,8 @@ class Engine:
                     # spec's batch holds k drafted tokens and the bonus row. cospec's has no bonus
                     # row, so its draft fills the same batch with k + 1 tokens, always: a cycle
                     # then covers as many positions per target call as spec's longest, and
-                    # overrides only lengthen accepted runs, so cospec never needs more target
-                    # calls per token than spec (shorter runs measured no faster here).
+                    # overrides lengthen accepted runs, so cospec makes no more target calls per
+                    # token than spec (fewer in every run measured; shorter runs were no faster).
                     cap = min(config.draft_max + (0 if plan.bonus_row else 1), limit)
                     if policy is None:
                         n = cap
