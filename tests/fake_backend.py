@@ -36,7 +36,6 @@ class FakeModel:
         self._eog = tuple(eog)
         self.tokens: list[int] = []  # what the cache holds
         self.calls = 0  # eval calls that asked for logits (what ModelSlot counts as a model call)
-        self.evals = 0  # every eval call
         self.decode_seconds = 0.0  # LlamaModel's time inside llama_decode (nothing to time here)
         self._out = np.full((self.n_batch, n_vocab), np.nan, dtype=np.float32)
         self._memo: dict[tuple, np.ndarray] = {}
@@ -74,7 +73,6 @@ class FakeModel:
         for t in tokens:
             if not 0 <= int(t) < self.n_vocab:
                 raise ValueError(f"token {t} outside the fake vocabulary")
-        self.evals += 1
         self._out[:] = np.nan
         self.tokens.extend(int(t) for t in tokens)
         if n_logits == 0:

@@ -104,11 +104,11 @@ class ServerProcess:
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         return self.request("POST", path, body, {"Content-Type": "application/json", **(headers or {})})
 
-    def metrics(self, headers: dict | None = None) -> dict[str, float]:
+    def metrics(self) -> dict[str, float]:
         """The /metrics samples as {'name{labels}': value}, read with prometheus_client's parser."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        req = urllib.request.Request(self.url + "/metrics", headers=headers or {})
+        req = urllib.request.Request(self.url + "/metrics")
         with urllib.request.urlopen(req, timeout=30) as resp:
             text = resp.read().decode()
         out = {}

@@ -261,13 +261,16 @@ def test_cospec_runs_to_the_last_slot_of_the_context(tmp_path, policies):
         n_ctx = small.engine.n_ctx
         prompt = small.tokenize(problems("count", "eval", 1, 5)[0].prompt)
         prompt = (prompt * (n_ctx // len(prompt) + 1))[: n_ctx - 9]
+        reasons = set()
         for adaptive in (False, True):
             for policy in ("keep", "defer"):
                 out = small.generate(prompt, mode="cospec", temperature=0, max_tokens=100, adaptive=adaptive,
                                      policy=str(policies[policy]))
                 assert out.finish_reason in ("context", "stop")
+                reasons.add(out.finish_reason)
                 if out.finish_reason == "context":
                     assert len(prompt) + out.stats.n_generated == n_ctx
+        assert "context" in reasons  # the last slot was actually reached
 
 
 def test_cospec_runs_fill_the_verification_batch_spec_would_use(pair):

@@ -48,7 +48,6 @@ def test_stop_string_split_across_pushes_is_caught_and_never_shown():
     shown = feed(stream, [b"Hello", b"\nUs", b"er", b":", b" more"])
     assert shown[:4] == ["Hello", "", "", ""]
     assert stream.stopped
-    assert "".join(shown[:4]) == "Hello"
     assert stream.flush() == ""
 
 
