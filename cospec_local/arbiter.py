@@ -133,8 +133,6 @@ class OnnxPolicy:
         self.feature_names = names
         self._columns = np.array([FEATURE_NAMES.index(n) for n in names])
         # One input row and one output buffer, bound once: a call copies the features into the row.
-        import onnxruntime as ort
-
         self._row = np.zeros((1, len(names)), dtype=np.float32)
         self._out = np.zeros((1, 1), dtype=np.float32)
         self._binding = self.session.io_binding()
@@ -142,7 +140,7 @@ class OnnxPolicy:
         self._binding.bind_output(self.session.get_outputs()[0].name, "cpu", 0, np.float32, [1, 1], self._out.ctypes.data)
 
     def keep_probability(self, features: np.ndarray) -> float:
-        """P(keep the draft's token) for one schema-1 feature row."""
+        """P(keep the draft's token) for one feature row of the current schema."""
         np.take(features, self._columns, out=self._row[0])
         self.session.run_with_iobinding(self._binding)
         return float(self._out[0, 0])

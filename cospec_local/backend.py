@@ -87,7 +87,6 @@ def _ggml():
             "ggml_backend_dev_count": ([], ctypes.c_size_t),
             "ggml_backend_dev_get": ([ctypes.c_size_t], ctypes.c_void_p),
             "ggml_backend_dev_type": ([ctypes.c_void_p], ctypes.c_int),
-            "ggml_backend_dev_name": ([ctypes.c_void_p], ctypes.c_char_p),
             "ggml_backend_dev_by_type": ([ctypes.c_int], ctypes.c_void_p),
             "ggml_print_backtrace": ([], None),
         }

@@ -227,7 +227,6 @@ class WorkerPool:
         self.metrics.queue_wait.observe(waited)
         self.longest_wait = max(self.longest_wait, waited)
         self.metrics.queue_wait_max.set(self.longest_wait)
-        self._update()
         return worker
 
     def release(self, worker: Worker) -> None:
@@ -254,14 +253,9 @@ class Job:
         self.pool, self.worker, self.events, self.loop = pool, worker, events, loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.stats = None
-        self.failed = False
         self.thread = threading.Thread(target=self._run, name=f"cospec-slot-{worker.index}", daemon=True)
         worker.job = self
         self.thread.start()
-
-    @property
-    def cancelled(self) -> bool:
-        return self.worker.conversation.cancelled
 
     def _call(self, fn, *args) -> None:
         try:
@@ -276,13 +270,11 @@ class Job:
                     self.stats = event.stats
                 self._call(self.queue.put_nowait, event)
         except BaseException as e:  # reported to the request, never kills the server
-            self.failed = True
             self._call(self.queue.put_nowait, e)
         finally:
             try:
                 self.events.close()  # the engine's finally, if the loop above did not finish it
             except BaseException as e:
-                self.failed = True
                 self._call(self.queue.put_nowait, e)
             finally:
                 self._call(self._finish)
@@ -557,12 +549,12 @@ def create_app(pairs: list[Pair], settings: ServerSettings) -> FastAPI:
                 raise ApiError(400, f"prompt token {bad[0]} is outside the vocabulary (0..{n_vocab - 1})", "prompt")
             tokens = list(prompt)
         job = await start(request, tokens, config, "prompt")
-        rid, model = f"cmpl-{uuid.uuid4().hex[:24]}", body.model or settings.model_id
+        rid, model, stamp = f"cmpl-{uuid.uuid4().hex[:24]}", body.model or settings.model_id, int(time.time())
 
         def chunk(text, done, kind, with_usage=True):
             if text is None and done is None:
                 return None  # completions have no opening chunk
-            out = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            out = {"id": rid, "object": "text_completion", "created": stamp, "model": model,
                    "choices": [{"text": text or "", "index": 0, "logprobs": None,
                                 "finish_reason": finish_reason(done) if done else None}]}
             if kind == "usage":
@@ -600,12 +592,12 @@ def create_app(pairs: list[Pair], settings: ServerSettings) -> FastAPI:
             raise ApiError(400, f"the model's chat template refused these messages: {e}", "messages") from None
         tokens = first.tokenize(rendered)
         job = await start(request, tokens, config, "messages")
-        rid, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", body.model or settings.model_id
+        rid, model, stamp = f"chatcmpl-{uuid.uuid4().hex[:24]}", body.model or settings.model_id, int(time.time())
 
         if not body.stream:
             text, done = await collect(request, job)
             metrics.requests.labels("/v1/chat/completions", "200").inc()
-            return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            return {"id": rid, "object": "chat.completion", "created": stamp, "model": model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text.strip()},
                                  "logprobs": None, "finish_reason": finish_reason(done)}],
                     "usage": usage(done.stats), "cospec": extension(done.stats, config)}
@@ -613,7 +605,7 @@ def create_app(pairs: list[Pair], settings: ServerSettings) -> FastAPI:
         started = [False]  # leading whitespace of the reply (after "Assistant:") is not sent
 
         def chunk(text, done, kind, with_usage=True):
-            out = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+            out = {"id": rid, "object": "chat.completion.chunk", "created": stamp, "model": model}
             if kind == "usage":
                 out["choices"] = []
             elif text is None:  # the opening chunk names the role

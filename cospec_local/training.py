@@ -10,7 +10,7 @@ Algorithm (group-relative policy gradient, as in GRPO, without a critic):
 4. Loss = - sum over rollouts of advantage x sum of log pi(decision | features), divided by the
    number of decisions in the batch; one Adam step per batch.
 Rollouts decode with a numpy copy of the network (no torch per token). The network is an MLP over
-the schema-1 features (`arbiter.FEATURE_NAMES`), standardised with statistics of the first
+the schema-2 features (`arbiter.FEATURE_NAMES`), standardised with statistics of the first
 rollouts (baked into the exported graph). Each epoch logs the held-out accuracy of the
 deterministic policy (threshold 0.5) on validation problems never trained on (and disjoint from the
 evaluation range) and saves a checkpoint (resumable); the epoch with the best validation accuracy
