@@ -1,25 +1,52 @@
 # cospec-local: `make chat` and `make test` do all set-up on a fresh machine.
 #
-# llama-cpp-python is built from source. The default (native) build crashes on CPUs that advertise
-# AMX (see README), so without a CMAKE_ARGS of your own we build with portable x86-64 flags.
-# The default also builds llama.cpp's RPC backend (--rpc, `cospec-local rpc-server`). Your own CMAKE_ARGS
-# (CUDA, Metal, ...) always win: add -DGGML_RPC=ON to them to keep RPC. Built wheels are cached per CMAKE_ARGS value in
-# $(WHEEL_CACHE), so a second set-up does not rebuild, and a CUDA build never reuses a CPU wheel.
+# llama-cpp-python is built from source, for THIS machine's CPU, with no CMAKE_ARGS of your own:
+# - x86-64 Linux: a non-native build whose instruction sets are read from /proc/cpuinfo, so it
+#   enables exactly what the CPU has (AVX2 only, AVX-512, ...). AMX stays off: llama.cpp's AMX
+#   kernels crashed here (SIGSEGV in ggml_backend_amx_mul_mat, see README).
+# - other systems (aarch64 Linux, macOS, where Metal is on by default): llama.cpp's native build.
+# Every default build turns llamafile's sgemm off (its batched kernels break the bit-exact
+# verification the README promises) and builds the RPC backend (--rpc, `cospec-local rpc-server`).
+# Your own CMAKE_ARGS (CUDA, Metal, ...) always win: add -DGGML_RPC=ON to them to keep RPC.
+# Built wheels are cached in $(WHEEL_CACHE) under a key of the flags AND this CPU's identity, so a
+# wheel never runs on a CPU it was not built for (a home directory shared between two machines).
+# The sdist is kept: its vendor/llama.cpp/models (real vocabularies and chat templates) is test data.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 LLAMA_CPP_VERSION := 0.3.36
 ARCH := $(shell uname -m)
+OS := $(shell uname -s)
+ifeq ($(OS),Darwin)
+  CPU_ID := $(shell sysctl -n machdep.cpu.brand_string machdep.cpu.features machdep.cpu.leaf7_features 2>/dev/null)
+else
+  CPU_FLAGS := $(shell grep -m1 -E '^(flags|Features)' /proc/cpuinfo 2>/dev/null | cut -d: -f2)
+  CPU_ID := $(CPU_FLAGS)
+endif
+# ON when the CPU has every flag in $(1), else OFF.
+cpu_has = $(if $(strip $(foreach f,$(1),$(if $(filter $(f),$(CPU_FLAGS)),,missing))),OFF,ON)
 ifeq ($(origin CMAKE_ARGS), undefined)
-  ifeq ($(ARCH),x86_64)
-    CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_LLAMAFILE=OFF -DGGML_RPC=ON
+  ifeq ($(OS)-$(ARCH),Linux-x86_64)
+    AVX512 := $(call cpu_has,avx512f avx512cd avx512vl avx512dq avx512bw)
+    avx512_ext = $(if $(filter ON,$(AVX512)),$(call cpu_has,$(1)),OFF)
+    CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_SSE42=$(call cpu_has,sse4_2) -DGGML_AVX=$(call cpu_has,avx) \
+      -DGGML_AVX2=$(call cpu_has,avx2) -DGGML_BMI2=$(call cpu_has,bmi2) -DGGML_FMA=$(call cpu_has,fma) \
+      -DGGML_F16C=$(call cpu_has,f16c) -DGGML_AVX_VNNI=$(call cpu_has,avx_vnni) -DGGML_AVX512=$(AVX512) \
+      -DGGML_AVX512_VBMI=$(call avx512_ext,avx512vbmi) -DGGML_AVX512_VNNI=$(call avx512_ext,avx512_vnni) \
+      -DGGML_AVX512_BF16=$(call avx512_ext,avx512_bf16) -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
+      -DGGML_AMX_BF16=OFF -DGGML_LLAMAFILE=OFF -DGGML_RPC=ON
   else
-    CMAKE_ARGS := -DGGML_RPC=ON
+    CMAKE_ARGS := -DGGML_LLAMAFILE=OFF -DGGML_RPC=ON
   endif
 endif
-WHEEL_CACHE ?= $(HOME)/.cache/cospec-local/wheels
-WHEEL_KEY := $(shell printf '%s|%s|%s' '$(LLAMA_CPP_VERSION)' '$(CMAKE_ARGS)' '$(ARCH)' | sha256sum | cut -c1-16)
+CACHE_ROOT ?= $(HOME)/.cache/cospec-local
+WHEEL_CACHE ?= $(CACHE_ROOT)/wheels
+SDIST := $(CACHE_ROOT)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
+# vendor/llama.cpp/models of the sdist, unpacked: the real-family tests read it (tests/families.py).
+LLAMA_CPP_MODELS := $(CACHE_ROOT)/llama.cpp-$(LLAMA_CPP_VERSION)/models
+export COSPEC_LLAMA_CPP_MODELS := $(LLAMA_CPP_MODELS)
+WHEEL_KEY := $(shell printf '%s|%s|%s|%s|%s' '$(LLAMA_CPP_VERSION)' '$(strip $(CMAKE_ARGS))' '$(OS)' '$(ARCH)' '$(strip $(CPU_ID))' | sha256sum | cut -c1-16)
 WHEEL_DIR := $(WHEEL_CACHE)/$(WHEEL_KEY)
 
 .PHONY: chat test setup llama-cpp models policy bench clean
@@ -32,7 +59,7 @@ test: setup
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml $(VENV)/.llama-cpp-$(WHEEL_KEY)
+$(VENV)/.installed: pyproject.toml $(VENV)/.llama-cpp-$(WHEEL_KEY) $(LLAMA_CPP_MODELS)/.unpacked
 	$(PY) -m pip install -q -e '.[test,train,plot,server]'
 	$(PY) -c "import cospec_local; print('default pair:', cospec_local.default_pair())"
 	touch $@
@@ -41,13 +68,23 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# Build (or take from the per-flags cache) the llama-cpp-python wheel and install it.
-$(VENV)/.llama-cpp-$(WHEEL_KEY): | $(VENV)/bin/python
+$(SDIST):
+	mkdir -p $(dir $@)
+	$(PY) -m pip download -q --no-deps --no-binary :all: -d $(dir $@) llama-cpp-python==$(LLAMA_CPP_VERSION)
+
+$(LLAMA_CPP_MODELS)/.unpacked: | $(SDIST)
+	rm -rf $(dir $(LLAMA_CPP_MODELS)) && mkdir -p $(dir $(LLAMA_CPP_MODELS))
+	tar -xzf $(SDIST) -C $(dir $(LLAMA_CPP_MODELS)) --strip-components=3 \
+	  llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/models
+	touch $@
+
+# Build (or take from the per-flags-and-CPU cache) the llama-cpp-python wheel and install it.
+$(VENV)/.llama-cpp-$(WHEEL_KEY): | $(VENV)/bin/python $(SDIST)
 	@if ! ls $(WHEEL_DIR)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
-	  echo "Building llama-cpp-python $(LLAMA_CPP_VERSION) with CMAKE_ARGS='$(CMAKE_ARGS)' (several minutes)"; \
-	  mkdir -p $(WHEEL_DIR).tmp && \
-	  CMAKE_ARGS='$(CMAKE_ARGS)' $(PY) -m pip wheel --no-cache-dir --no-deps -w $(WHEEL_DIR).tmp \
-	    llama-cpp-python==$(LLAMA_CPP_VERSION) && \
+	  echo "Building llama-cpp-python $(LLAMA_CPP_VERSION) with CMAKE_ARGS='$(strip $(CMAKE_ARGS))' (several minutes)"; \
+	  rm -rf $(WHEEL_DIR).tmp && mkdir -p $(WHEEL_DIR).tmp && \
+	  CMAKE_ARGS='$(strip $(CMAKE_ARGS))' $(PY) -m pip wheel --no-cache-dir --no-deps -w $(WHEEL_DIR).tmp $(SDIST) && \
+	  echo '$(strip $(CMAKE_ARGS))' > $(WHEEL_DIR).tmp/CMAKE_ARGS && \
 	  rm -rf $(WHEEL_DIR) && mv $(WHEEL_DIR).tmp $(WHEEL_DIR); \
 	fi
 	$(PY) -m pip install -q --force-reinstall --no-deps $(WHEEL_DIR)/llama_cpp_python-*.whl

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from cospec_local.backend import KERNELS
 from cospec_local.config import COMBINATIONS, DRAFT_SOURCES, MODES, GenerationConfig, config_fields, parse_list
 from cospec_local.errors import CospecError
 
@@ -48,13 +49,17 @@ def model_options(fn):
                      help="Offload the target's layers (--target-ngl) to these llama.cpp RPC servers "
                      "(`cospec-local rpc-server` on the other machine); the draft stays local."),
         click.option("--draft-rpc", default=None, metavar="HOST:PORT[,...]", help="RPC servers for the draft's offloaded layers (--draft-ngl)."),
+        click.option("--kernels", type=click.Choice(KERNELS), default="exact", show_default=True,
+                     help="exact: bit-exact verification (greedy output token-for-token target-only's); fast: llama.cpp's "
+                     "own kernels (repacked weights, flash attention), greedy output equal up to near-ties. See README."),
     ]
 
-    # --rpc/--draft-rpc reach open_pair without every command naming them.
+    # --rpc/--draft-rpc/--kernels reach open_pair without every command naming them.
     @functools.wraps(fn)
-    def with_rpc(*args, rpc=None, draft_rpc=None, **kwargs):
+    def with_rpc(*args, rpc=None, draft_rpc=None, kernels="exact", **kwargs):
         _RPC["target"] = tuple(x.strip() for x in (rpc or "").split(",") if x.strip())
         _RPC["draft"] = tuple(x.strip() for x in (draft_rpc or "").split(",") if x.strip())
+        _RPC["kernels"] = kernels
         return fn(*args, **kwargs)
 
     for option in reversed(options):
@@ -62,7 +67,7 @@ def model_options(fn):
     return with_rpc
 
 
-_RPC: dict[str, tuple[str, ...]] = {"target": (), "draft": ()}  # set by model_options' --rpc/--draft-rpc
+_RPC: dict = {"target": (), "draft": (), "kernels": "exact"}  # set by model_options' --rpc/--draft-rpc/--kernels
 
 
 def generation_options(fn=None, *, exclude=(), defaults=None):
@@ -133,6 +138,7 @@ def open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, d
     return load_pair(
         draft, target, models=tuple(models), n_ctx=ctx_size, n_threads=threads, draft_threads=draft_threads, target_ngl=target_ngl,
         draft_ngl=draft_ngl, verbose=verbose, target_rpc=_RPC["target"], draft_rpc=_RPC["draft"],
+        kernels=_RPC["kernels"],
     )
 
 
@@ -262,7 +268,9 @@ def generate(prompt, prompt_file, draft, target, models, target_ngl, draft_ngl, 
 @model_options
 @_handle_errors
 def info(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose):
-    """Report on a pair: vocabularies, token map, sizes, chat template."""
+    """Report on a pair: vocabularies, token map, sizes, chat template, and how llama.cpp was built."""
+    from cospec_local.backend import build_info, missing_cpu_features
+
     pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose, need_draft=False)
     for role, model in (("target", pair.target), ("draft", pair.draft), *((f"model{i}", m) for i, m in enumerate(pair.extra, 1))):
         if model is None:
@@ -273,11 +281,22 @@ def info(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_
         )
     r = pair.report
     if r is not None:
-        click.echo(f"pair: compatible ({r.vocab_type} tokenizer)")
+        click.echo(f"pair: compatible ({r.vocab_type} tokenizer {r.tokenizer}); vocabularies: target {r.target_vocab}, "
+                   f"draft {r.draft_vocab} tokens")
         if r.trimmed:
             click.echo(f"  trimmed draft vocabulary: {r.draft_vocab} of {r.target_vocab} tokens ({r.n_missing} target tokens map to the draft's unknown token)")
+        elif r.padded:
+            click.echo(f"  padded pair: the target has {r.n_missing} extra tokens past the draft's vocabulary (never "
+                       "proposed; fed to the draft as its unknown/padding token)")
         else:
             click.echo("  identical vocabularies")
+    build = build_info()
+    click.echo(f"llama.cpp build: {build.system_info}")
+    missing = missing_cpu_features(build)
+    if missing:
+        click.echo(f"  WARNING: built for CPU features this machine lacks ({', '.join(missing)}): rebuild with `make llama-cpp`")
+    offloaded = target_ngl > 0 or draft_ngl > 0
+    click.echo(f"kernels: {pair.kernels}; {build.guarantee(pair.kernels, offloaded)}")
     click.echo(f"chat template: {'from the GGUF' if pair.target.chat_template else 'none (fallback User:/Assistant: transcript)'}")
     pair.close()
 
@@ -358,6 +377,13 @@ def bench(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft
     finally:
         pair.close()
     report["models"] = [str(slot.model.path) for slot in pair.engine.slots]
+    from cospec_local.backend import build_info
+
+    build = build_info()
+    report["kernels"] = pair.kernels
+    report["llama_cpp_build"] = build.system_info
+    report["guarantee"] = build.guarantee(pair.kernels, target_ngl > 0 or draft_ngl > 0)
+    click.echo(f"kernels: {pair.kernels} ({report['guarantee']}); llama.cpp: {build.system_info}")
     c = report["costs"]
     others = ", ".join(f"{name} call {ms:.2f} ms" for name, ms in c["call_ms"].items())
     click.echo(f"cost: target call {c['target_call_ms']:.2f} ms{', ' + others if others else ''}"

@@ -66,9 +66,12 @@ class Pair:
         verbose: bool = False,
         target_rpc: tuple[str, ...] = (),
         draft_rpc: tuple[str, ...] = (),
+        kernels: str = "exact",
     ):
         target_rpc, draft_rpc = tuple(target_rpc), tuple(draft_rpc)
-        self.target = LlamaModel(target_path, LoadOptions(n_ctx, n_threads, target_ngl, verbose=verbose, rpc=target_rpc))
+        self.kernels = kernels
+        self.target = LlamaModel(target_path, LoadOptions(n_ctx, n_threads, target_ngl, verbose=verbose, rpc=target_rpc,
+                                                          kernels=kernels))
         self.draft = None
         self.extra: list[LlamaModel] = []
         self.report: PairReport | None = None
@@ -76,10 +79,11 @@ class Pair:
         try:
             if draft_path is not None:
                 self.draft = LlamaModel(draft_path, LoadOptions(n_ctx, draft_threads or n_threads, draft_ngl, verbose=verbose,
-                                                                rpc=draft_rpc))
+                                                                rpc=draft_rpc, kernels=kernels))
                 self.report = check_pair(self.draft, self.target)
             for path in models:
-                model = LlamaModel(path, LoadOptions(n_ctx, n_threads, target_ngl, verbose=verbose, rpc=target_rpc))
+                model = LlamaModel(path, LoadOptions(n_ctx, n_threads, target_ngl, verbose=verbose, rpc=target_rpc,
+                                                     kernels=kernels))
                 self.extra.append(model)
                 self.extra_reports.append(check_pair(model, self.target))
         except Exception:
@@ -106,6 +110,7 @@ class Pair:
         of the KV caches only. Close it before the Pair it came from."""
         twin = object.__new__(Pair)
         twin.report, twin.extra_reports, twin.eog_ids = self.report, self.extra_reports, self.eog_ids
+        twin.kernels = self.kernels
         twin.target, twin.draft, twin.extra = None, None, []
         try:
             twin.target = self.target.new_context(n_threads)
@@ -229,5 +234,6 @@ def load_pair(draft: str | os.PathLike | None, target: str | os.PathLike, **opti
     """Load and check a pair. `options`: models (further GGUFs for the collaborative modes),
     n_ctx, n_threads, draft_threads (default n_threads), target_ngl (also used for further models),
     draft_ngl, verbose, target_rpc and draft_rpc ('host:port' llama.cpp RPC servers whose devices take
-    that model's offloaded layers: e.g. a remote target with `target_ngl=99` and a local draft)."""
+    that model's offloaded layers: e.g. a remote target with `target_ngl=99` and a local draft), and
+    kernels ("exact", the default: bit-exact verification; "fast": llama.cpp's own kernels)."""
     return Pair(target, draft, **options)

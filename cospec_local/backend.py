@@ -216,6 +216,110 @@ def start_rpc_server(host: str, port: int, n_threads: int) -> None:
     start(endpoint.encode(), None, n_threads, len(devices), array)
 
 
+# -- how the installed llama.cpp was built ------------------------------------------------------------
+# ggml's CPU feature names (its system-info string) -> the /proc/cpuinfo flag that says the CPU has
+# it. A build that uses a feature the CPU lacks dies with SIGILL on its first matrix product.
+_CPUINFO_FLAG = {
+    "SSE3": "pni", "SSSE3": "ssse3", "AVX": "avx", "AVX_VNNI": "avx_vnni", "AVX2": "avx2", "F16C": "f16c",
+    "FMA": "fma", "BMI2": "bmi2", "AVX512": "avx512f", "AVX512_VBMI": "avx512vbmi", "AVX512_VNNI": "avx512_vnni",
+    "AVX512_BF16": "avx512_bf16", "AMX_INT8": "amx_int8",
+    "NEON": "asimd", "ARM_FMA": "asimd", "FP16_VA": "asimdhp", "DOTPROD": "asimddp", "MATMUL_INT8": "i8mm",
+    "SVE": "sve", "SME": "sme", "SME2": "sme2",
+}
+KERNELS = ("exact", "fast")
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    """How the installed llama.cpp was built, read from its system-info string."""
+
+    system_info: str  # llama.cpp's own line, e.g. 'CPU : SSE3 = 1 | AVX = 1 | ... | REPACK = 1 |'
+    backends: dict  # backend name -> {feature: value}
+    gpu_offload: bool  # a GPU backend (CUDA, Metal, ...) is compiled in
+
+    @property
+    def cpu_features(self) -> frozenset[str]:
+        """Instruction-set features the CPU backend was compiled for (AVX2, AVX512, NEON...)."""
+        cpu = self.backends.get("CPU", {})
+        return frozenset(k for k, v in cpu.items() if k in _CPUINFO_FLAG and v == "1")
+
+    @property
+    def llamafile(self) -> bool:
+        """llamafile's sgemm is compiled in: batched matrix products then round differently from
+        single-token ones, so no setting makes verification rows bit-identical."""
+        return self.backends.get("CPU", {}).get("LLAMAFILE") == "1"
+
+    def guarantee(self, kernels: str, offloaded: bool) -> str:
+        """What greedy output promises with these `kernels` on this build: one line for `info` and
+        `bench`."""
+        if kernels == "exact" and not self.llamafile and not offloaded:
+            return "bit-exact: every verified row equals target-only decoding, greedy output is token-for-token target-only's"
+        why = ("fast kernels (flash attention, repacked weights, large batches)" if kernels == "fast"
+               else "llamafile's sgemm is compiled into this llama.cpp" if self.llamafile
+               else "GPU kernels")
+        return (f"near-exact ({why}): batched rows differ from single-token rows in the last bits, so greedy "
+                "output equals target-only's except at near-ties, as in llama.cpp itself")
+
+
+def build_info() -> BuildInfo:
+    """Read how the installed llama.cpp was built (its system-info string)."""
+    import llama_cpp
+
+    _init_backend(None)
+    text = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
+    backends: dict[str, dict[str, str]] = {}
+    current = None
+    for part in text.split("|"):
+        if " : " in part:  # 'CPU : SSE3 = 1' starts a backend's section
+            current, part = (x.strip() for x in part.split(" : ", 1))
+            backends.setdefault(current, {})
+        if current is not None and "=" in part:
+            key, value = (x.strip() for x in part.split("=", 1))
+            backends[current][key] = value
+    return BuildInfo(text.strip(), backends, bool(llama_cpp.llama_supports_gpu_offload()))
+
+
+def machine_cpu_flags() -> frozenset[str] | None:
+    """This CPU's feature flags as Linux reports them (/proc/cpuinfo), or None where unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return None
+
+
+def missing_cpu_features(info: BuildInfo | None = None) -> list[str]:
+    """Features the installed llama.cpp was compiled for that this CPU lacks ([] when none, or
+    when the CPU cannot be read). Non-empty means the build will crash here (SIGILL)."""
+    flags = machine_cpu_flags()
+    if flags is None:
+        return []
+    info = info or build_info()
+    return sorted(f for f in info.cpu_features if _CPUINFO_FLAG[f] not in flags)
+
+
+def check_build_fits_cpu() -> None:
+    """Raise ModelLoadError when the installed llama.cpp uses instructions this CPU lacks, instead
+    of dying with 'Illegal instruction' in the first matrix product (once per process)."""
+    global _build_checked
+    if _build_checked:
+        return
+    missing = missing_cpu_features()
+    if missing:
+        raise ModelLoadError(
+            f"the installed llama-cpp-python was built for CPU features this machine lacks ({', '.join(missing)}) "
+            "and would crash with 'Illegal instruction': rebuild it here with `make llama-cpp` (the Makefile "
+            "builds for this CPU), or pip install --force-reinstall --no-binary llama-cpp-python llama-cpp-python"
+        )
+    _build_checked = True
+
+
+_build_checked = False
+
+
 def default_threads() -> int:
     """Threads for llama.cpp: all cores on small machines, half the logical CPUs on big ones (SMT)."""
     n = os.cpu_count() or 1
@@ -231,8 +335,15 @@ def check_gguf_file(path: str | os.PathLike) -> Path:
         raise ModelLoadError(f"model path is not a file: {p}")
     with p.open("rb") as f:
         magic = f.read(4)
+        header = f.read(12)
     if magic != GGUF_MAGIC:
         raise ModelLoadError(f"not a GGUF file (bad magic {magic!r}): {p}")
+    version = int.from_bytes(header[:4], "little")
+    if len(header) == 12 and version >= 2 and int.from_bytes(header[4:12], "little") == 0:
+        raise ModelLoadError(
+            f"{p} is a vocabulary-only GGUF (no weights): it holds a tokenizer and cannot generate; "
+            "pass a full model (weights included)"
+        )
     return p
 
 
@@ -245,17 +356,17 @@ class LoadOptions:
     n_gpu_layers: int = 0
     n_batch: int = 512
     verbose: bool = False
-    # llama.cpp's CPU weight repacking ("extra buffer types") runs batches through GEMM kernels
-    # that round differently from the single-token GEMV path: a verification batch then gives
-    # logits up to ~1.0 away from target-only decoding (measured on Gemma 3 270M), enough to flip
-    # near-tie argmaxes. Off, batch and single-token logits are bit-identical, and on this CPU it
-    # cost no speed (10.7 vs 10.5 ms per Gemma token).
-    repack_weights: bool = False
-    # Same reason for attention: llama.cpp's CPU flash-attention kernel takes a tiled path for
-    # batches of 8+ queries and a split-KV path for single queries over 512+ cached tokens, each
-    # rounding differently. The plain attention path computes each row the same way at any batch
-    # size. None = llama.cpp's choice (auto), used when offloading to a GPU.
-    flash_attn: bool | None = False
+    # Which kernels llama.cpp runs (`KERNELS`):
+    # - "exact" (the default): no weight repacking and no flash attention, verification batches of
+    #   at most EXACT_CPU_BATCH rows and exact prefill (below). llama.cpp's repacked-weight GEMM
+    #   kernels round batches differently from the single-token GEMV path (logits up to ~1.0 apart
+    #   on Gemma 3 270M, enough to flip near-tie argmaxes), and its CPU flash-attention kernel
+    #   takes a tiled path for 8+ queries and a split-KV path for single queries over 512+ cached
+    #   tokens. Without them a batch's rows equal single-token decoding bit for bit.
+    # - "fast": llama.cpp's own choice (repacked weights, flash attention auto, full batches):
+    #   greedy output then equals target-only up to near-ties, as in llama.cpp itself. See the
+    #   README for what each cost on the machines measured.
+    kernels: str = "exact"
     # Evaluate long inputs (prompt prefill) in batches of at most `exact_batch` tokens. Such
     # batches compute every KV entry exactly as single-token decoding does, so a cache is the same
     # whichever way it was filled: reusing a cached prefix (a chat's earlier turns, a server slot's
@@ -275,7 +386,9 @@ class _Weights:
     def __init__(self, lib, path: Path, options: LoadOptions):
         params = lib.llama_model_default_params()
         params.n_gpu_layers = options.n_gpu_layers
-        params.use_extra_bufts = options.repack_weights
+        if options.kernels not in KERNELS:
+            raise ValueError(f"unknown kernels {options.kernels!r}; choose one of {', '.join(KERNELS)}")
+        params.use_extra_bufts = options.kernels == "fast"
         # Which devices take offloaded layers: the given RPC servers', or only local ones (a model
         # without --rpc stays on this machine even when another model registered a server).
         self.devices = None
@@ -310,6 +423,7 @@ class LlamaModel:
         self.path = check_gguf_file(path) if _weights is None else Path(path)
         self.options = options
         _init_backend(options.verbose)
+        check_build_fits_cpu()
         self._ctx = None
         self._weights = _weights or _Weights(llama_cpp, self.path, options)
         self._weights.users += 1
@@ -321,7 +435,8 @@ class LlamaModel:
         # llama.cpp reserves a compute buffer for its largest batch, including n_batch rows of
         # logits (514 MiB for Gemma's 262k vocabulary at 512). With exact prefill on the CPU no
         # batch exceeds a few tokens, so a small n_batch reserves ~8x less per context.
-        n_batch = min(options.n_batch, EXACT_PREFILL_N_BATCH) if options.exact_prefill and options.n_gpu_layers == 0 else options.n_batch
+        exact = options.kernels == "exact" and options.n_gpu_layers == 0
+        n_batch = min(options.n_batch, EXACT_PREFILL_N_BATCH) if exact and options.exact_prefill else options.n_batch
         ctx_params.n_batch = n_batch
         ctx_params.n_ubatch = n_batch
         ctx_params.n_seq_max = 1
@@ -330,10 +445,8 @@ class LlamaModel:
         # A full-size sliding-window cache: with the pruned SWA cache, rolling back a rejected draft
         # could leave positions the next token must attend to already evicted.
         ctx_params.swa_full = True
-        if options.flash_attn is not None:
-            ctx_params.flash_attn_type = (
-                llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if options.flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-            )
+        if options.kernels == "exact":  # fast: llama.cpp's choice (auto)
+            ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
         if not self._ctx:
             self._weights.release()
@@ -350,9 +463,10 @@ class LlamaModel:
         self.decode_seconds = 0.0  # time spent inside llama_decode, cumulative (overhead accounting)
         # Largest batch whose logits equal single-token logits bit for bit. Measured on the CPU
         # build (no llamafile, no repacking, no flash attention): batches of up to 7 tokens match
-        # exactly at any context length, 8+ do not. On a GPU nothing is bit-exact anyway.
-        self.exact_batch = EXACT_CPU_BATCH if options.n_gpu_layers == 0 else self.n_batch
-        self._chunk = self.exact_batch if options.exact_prefill else self.n_batch
+        # exactly at any context length, 8+ do not. On a GPU, or with fast kernels, nothing is
+        # bit-exact anyway, so batches take their full size.
+        self.exact_batch = EXACT_CPU_BATCH if exact else self.n_batch
+        self._chunk = self.exact_batch if exact and options.exact_prefill else self.n_batch
 
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._batch_token = np.ctypeslib.as_array(self._batch.token, shape=(self.n_batch,))

@@ -1,10 +1,16 @@
 """Checking that a draft and a target can decode together, and mapping token ids between them.
 
-Two drafts are supported:
+Three drafts are supported:
 - same vocabulary as the target (checked token by token, like llama.cpp's own check);
+- a padded pair: the target has up to `MAX_EXTRA_TARGET_TOKENS` more tokens than the draft at the
+  end of its vocabulary and every shared token is identical, as llama.cpp accepts (Qwen2.5's 0.5B
+  GGUF has 151,936 tokens, its 7B-72B 152,064: padded embedding rows written as `[PAD...]`). The
+  draft can never propose the target's extra tokens; when the target emits one, the draft is fed
+  its unknown token (or its padding token, or token 0) at that position;
 - a vocabulary-trimmed draft made by `cospec-local make-draft`, which stores the target id of each of
   its tokens in the GGUF metadata key `cospec.draft_to_target`. Target tokens the draft lacks are fed
   to the draft as its unknown token.
+Drafts from another model family (another tokenizer) are refused up front with what would work.
 """
 
 from __future__ import annotations
@@ -18,6 +24,20 @@ from .errors import IncompatiblePairError
 DRAFT_TO_TARGET_KEY = "cospec.draft_to_target"
 SOURCE_VOCAB_KEY = "cospec.source_vocab_size"
 VOCAB_TYPES = {0: "none", 1: "SPM", 2: "BPE", 3: "WPM", 4: "UGM", 5: "RWKV", 6: "PLaMo2"}
+# llama.cpp's own limit (SPEC_VOCAB_MAX_SIZE_DIFFERENCE in common/speculative.cpp).
+MAX_EXTRA_TARGET_TOKENS = 128
+WHAT_WORKS = (
+    "a draft from the target's own family (same tokenizer, e.g. Qwen2.5-0.5B for a Qwen2.5 target), "
+    "a vocabulary-trimmed copy of the target (`cospec-local make-draft TARGET -o draft.gguf`), "
+    "or prompt-lookup drafts that need no draft model (`--draft-source ngram`)"
+)
+
+
+def tokenizer_name(model) -> str:
+    """The tokenizer a GGUF declares, e.g. 'gpt2/qwen2' (BPE model / pre-tokenizer) or 'llama' (SPM)."""
+    kind = model.metadata.get("tokenizer.ggml.model", VOCAB_TYPES.get(model.vocab_type, "?"))
+    pre = model.metadata.get("tokenizer.ggml.pre")
+    return f"{kind}/{pre}" if pre and pre != "default" else kind
 
 
 @dataclass
@@ -85,9 +105,15 @@ class PairReport:
     target_vocab: int
     draft_vocab: int
     vocab_type: str
-    trimmed: bool
-    n_missing: int
+    trimmed: bool  # a make-draft draft (its own token map)
+    n_missing: int  # target tokens the draft lacks (trimmed away, or the target's padding)
     token_map: TokenMap | None
+    tokenizer: str = ""  # e.g. 'gpt2/qwen2'
+
+    @property
+    def padded(self) -> bool:
+        """The target has extra tokens past the end of an otherwise identical draft vocabulary."""
+        return not self.trimmed and self.token_map is not None
 
 
 def check_pair(draft, target) -> PairReport:
@@ -96,10 +122,13 @@ def check_pair(draft, target) -> PairReport:
     `draft` and `target` are `backend.LlamaModel`s (anything with the same vocabulary methods).
     """
     dname, tname = draft.path.name, target.path.name
-    if draft.vocab_type != target.vocab_type:
+    d_tok, t_tok = tokenizer_name(draft), tokenizer_name(target)
+    if draft.vocab_type != target.vocab_type or d_tok != t_tok:
         raise IncompatiblePairError(
-            f"tokenizer types differ: draft {dname} uses {VOCAB_TYPES.get(draft.vocab_type, draft.vocab_type)}, "
-            f"target {tname} uses {VOCAB_TYPES.get(target.vocab_type, target.vocab_type)}"
+            f"the draft and the target use different tokenizers: draft {dname} has {d_tok} "
+            f"({VOCAB_TYPES.get(draft.vocab_type, draft.vocab_type)}, {draft.n_vocab} tokens), target {tname} has "
+            f"{t_tok} ({VOCAB_TYPES.get(target.vocab_type, target.vocab_type)}, {target.n_vocab} tokens), so their "
+            f"token ids mean different things. What works: {WHAT_WORKS}"
         )
     # make-draft also writes this scalar key, which llama.cpp does expose: skip parsing other drafts.
     d2t = read_draft_map(draft.path) if SOURCE_VOCAB_KEY in draft.metadata else None
@@ -118,11 +147,17 @@ def check_pair(draft, target) -> PairReport:
         token_map = TokenMap.from_draft_ids(d2t, target.n_vocab, unk)
         pairs = ((i, int(d2t[i])) for i in range(draft.n_vocab))
     else:
-        if draft.n_vocab != target.n_vocab:
+        n_extra = target.n_vocab - draft.n_vocab
+        if n_extra < 0 or n_extra > MAX_EXTRA_TARGET_TOKENS:
             raise IncompatiblePairError(
                 f"vocabulary sizes differ: draft {dname} has {draft.n_vocab} tokens, target {tname} has "
-                f"{target.n_vocab}, and the draft carries no token map (make one with `cospec-local make-draft`)"
+                f"{target.n_vocab}; a pair may differ only by up to {MAX_EXTRA_TARGET_TOKENS} extra (padding) tokens "
+                f"at the end of the TARGET's vocabulary, and the draft carries no token map. What works: {WHAT_WORKS}"
             )
+        if n_extra:  # padded: shared ids are identical, the target's extra ones have no draft id
+            fill = next((int(draft.metadata[k]) for k in ("tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id")
+                         if k in draft.metadata), 0)
+            token_map = TokenMap.from_draft_ids(np.arange(draft.n_vocab), target.n_vocab, fill)
         pairs = ((i, i) for i in range(draft.n_vocab))
     for d_id, t_id in pairs:
         d_text, t_text = draft.token_text(d_id), target.token_text(t_id)
@@ -138,7 +173,8 @@ def check_pair(draft, target) -> PairReport:
         target_vocab=target.n_vocab,
         draft_vocab=draft.n_vocab,
         vocab_type=VOCAB_TYPES.get(target.vocab_type, str(target.vocab_type)),
-        trimmed=token_map is not None,
+        trimmed=d2t is not None,
         n_missing=token_map.n_missing if token_map else 0,
         token_map=token_map,
+        tokenizer=t_tok,
     )
