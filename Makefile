@@ -49,7 +49,7 @@ export COSPEC_LLAMA_CPP_MODELS := $(LLAMA_CPP_MODELS)
 WHEEL_KEY := $(shell printf '%s|%s|%s|%s|%s' '$(LLAMA_CPP_VERSION)' '$(strip $(CMAKE_ARGS))' '$(OS)' '$(ARCH)' '$(strip $(CPU_ID))' | sha256sum | cut -c1-16)
 WHEEL_DIR := $(WHEEL_CACHE)/$(WHEEL_KEY)
 
-.PHONY: chat test setup llama-cpp models policy bench clean
+.PHONY: chat test setup llama-cpp models policy bench clean print-build
 
 chat: setup
 	$(VENV)/bin/cospec-local chat
@@ -92,6 +92,11 @@ $(VENV)/.llama-cpp-$(WHEEL_KEY): | $(VENV)/bin/python $(SDIST)
 	touch $@
 
 llama-cpp: $(VENV)/.llama-cpp-$(WHEEL_KEY)
+
+# What a build would use here (tests pass CPU_FLAGS=... to check the detection for other CPUs).
+print-build:
+	@echo 'CMAKE_ARGS=$(strip $(CMAKE_ARGS))'
+	@echo 'WHEEL_KEY=$(WHEEL_KEY)'
 
 models: setup
 	$(PY) -m models.train_family

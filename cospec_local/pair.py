@@ -162,8 +162,11 @@ def check_pair(draft, target) -> PairReport:
     for d_id, t_id in pairs:
         d_text, t_text = draft.token_text(d_id), target.token_text(t_id)
         if d_text != t_text:
+            sizes = (f"vocabulary sizes differ (draft {draft.n_vocab}, target {target.n_vocab} tokens) and the "
+                     "shared ids are not the same tokens, so this is no padded pair: "
+                     if draft.n_vocab != target.n_vocab and d2t is None else "")
             raise IncompatiblePairError(
-                f"vocabularies differ: draft token {d_id} is {d_text!r} but target token {t_id} is {t_text!r}"
+                f"{sizes}vocabularies differ: draft token {d_id} is {d_text!r} but target token {t_id} is {t_text!r}"
             )
     for role, d_id, t_id in (("BOS", draft.bos_id, target.bos_id), ("EOS", draft.eos_id, target.eos_id)):
         mapped = d_id if token_map is None or d_id < 0 else token_map.to_target(d_id)
