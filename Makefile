@@ -46,7 +46,9 @@ SDIST := $(CACHE_ROOT)/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
 # vendor/llama.cpp/models of the sdist, unpacked: the real-family tests read it (tests/families.py).
 LLAMA_CPP_MODELS := $(CACHE_ROOT)/llama.cpp-$(LLAMA_CPP_VERSION)/models
 export COSPEC_LLAMA_CPP_MODELS := $(LLAMA_CPP_MODELS)
-WHEEL_KEY := $(shell printf '%s|%s|%s|%s|%s' '$(LLAMA_CPP_VERSION)' '$(strip $(CMAKE_ARGS))' '$(OS)' '$(ARCH)' '$(strip $(CPU_ID))' | sha256sum | cut -c1-16)
+# (hashed by Python: macOS has no sha256sum)
+WHEEL_KEY := $(shell $(PYTHON) -c 'import hashlib, sys; print(hashlib.sha256("|".join(sys.argv[1:]).encode()).hexdigest()[:16])' \
+  '$(LLAMA_CPP_VERSION)' '$(strip $(CMAKE_ARGS))' '$(OS)' '$(ARCH)' '$(strip $(CPU_ID))')
 WHEEL_DIR := $(WHEEL_CACHE)/$(WHEEL_KEY)
 
 .PHONY: chat test setup llama-cpp models policy bench clean print-build
