@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cospec_local.testworld.gguf_export import LlamaConfig, expected_shapes, random_llama_weights
+from cospec_local.testworld.gguf_export import LlamaConfig, add_llama_hparams, expected_shapes, random_llama_weights
 
 DEFAULT_MODELS_DIR = Path.home() / ".cache" / "cospec-local" / "llama.cpp-0.3.36" / "models"
 N_PAD = 128  # Qwen2.5-7B's padding over 0.5B's vocabulary (152,064 - 151,936)
@@ -168,16 +168,7 @@ def write_family_model(path: Path, family: Family, weights: dict, n_layer: int, 
     config = family_config(n_real + n_pad, n_layer, tied_output="output.weight" not in weights)
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name(f"cospec-family-{family.name}-{n_layer}l")
-    writer.add_vocab_size(config.n_vocab)
-    writer.add_context_length(config.n_ctx)
-    writer.add_embedding_length(config.n_embd)
-    writer.add_block_count(config.n_layer)
-    writer.add_feed_forward_length(config.n_ff)
-    writer.add_head_count(config.n_head)
-    writer.add_head_count_kv(config.n_head_kv)
-    writer.add_layer_norm_rms_eps(config.rms_eps)
-    writer.add_rope_dimension_count(config.head_dim)
-    writer.add_rope_freq_base(config.rope_base)
+    add_llama_hparams(writer, config)
     for key, value, val_type, sub_type in fields:
         if key == "tokenizer.chat_template":
             continue  # the family's own template file is written below

@@ -154,6 +154,20 @@ def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def add_llama_hparams(writer, config: LlamaConfig) -> None:
+    """Write `config`'s llama hyper-parameters into a gguf.GGUFWriter (architecture "llama")."""
+    writer.add_vocab_size(config.n_vocab)
+    writer.add_context_length(config.n_ctx)
+    writer.add_embedding_length(config.n_embd)
+    writer.add_block_count(config.n_layer)
+    writer.add_feed_forward_length(config.n_ff)
+    writer.add_head_count(config.n_head)
+    writer.add_head_count_kv(config.n_head_kv)
+    writer.add_layer_norm_rms_eps(config.rms_eps)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_base)
+
+
 def write_llama_gguf(path: str | Path, weights: dict[str, np.ndarray], config: LlamaConfig,
                      vocab: CharVocab, name: str = "cospec-testworld") -> Path:
     """Write a llama-architecture GGUF with F32 tensors and the character tokenizer `vocab`.
@@ -179,16 +193,7 @@ def write_llama_gguf(path: str | Path, weights: dict[str, np.ndarray], config: L
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name(name)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    writer.add_vocab_size(config.n_vocab)
-    writer.add_context_length(config.n_ctx)
-    writer.add_embedding_length(config.n_embd)
-    writer.add_block_count(config.n_layer)
-    writer.add_feed_forward_length(config.n_ff)
-    writer.add_head_count(config.n_head)
-    writer.add_head_count_kv(config.n_head_kv)
-    writer.add_layer_norm_rms_eps(config.rms_eps)
-    writer.add_rope_dimension_count(config.head_dim)
-    writer.add_rope_freq_base(config.rope_base)
+    add_llama_hparams(writer, config)
 
     writer.add_tokenizer_model("llama")
     writer.add_token_list(vocab.tokens())
