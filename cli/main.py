@@ -57,9 +57,9 @@ def model_options(fn):
     # --rpc/--draft-rpc/--kernels reach open_pair without every command naming them.
     @functools.wraps(fn)
     def with_rpc(*args, rpc=None, draft_rpc=None, kernels="exact", **kwargs):
-        _RPC["target"] = tuple(x.strip() for x in (rpc or "").split(",") if x.strip())
-        _RPC["draft"] = tuple(x.strip() for x in (draft_rpc or "").split(",") if x.strip())
-        _RPC["kernels"] = kernels
+        _LOAD_FLAGS["target"] = tuple(x.strip() for x in (rpc or "").split(",") if x.strip())
+        _LOAD_FLAGS["draft"] = tuple(x.strip() for x in (draft_rpc or "").split(",") if x.strip())
+        _LOAD_FLAGS["kernels"] = kernels
         return fn(*args, **kwargs)
 
     for option in reversed(options):
@@ -67,7 +67,7 @@ def model_options(fn):
     return with_rpc
 
 
-_RPC: dict = {"target": (), "draft": (), "kernels": "exact"}  # set by model_options' --rpc/--draft-rpc/--kernels
+_LOAD_FLAGS: dict = {"target": (), "draft": (), "kernels": "exact"}  # set by model_options' --rpc/--draft-rpc/--kernels
 
 
 def generation_options(fn=None, *, exclude=(), defaults=None):
@@ -137,8 +137,8 @@ def open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, d
         raise click.UsageError("this mode needs a draft: pass --draft, or --mode target")
     return load_pair(
         draft, target, models=tuple(models), n_ctx=ctx_size, n_threads=threads, draft_threads=draft_threads, target_ngl=target_ngl,
-        draft_ngl=draft_ngl, verbose=verbose, target_rpc=_RPC["target"], draft_rpc=_RPC["draft"],
-        kernels=_RPC["kernels"],
+        draft_ngl=draft_ngl, verbose=verbose, target_rpc=_LOAD_FLAGS["target"], draft_rpc=_LOAD_FLAGS["draft"],
+        kernels=_LOAD_FLAGS["kernels"],
     )
 
 
@@ -269,7 +269,7 @@ def generate(prompt, prompt_file, draft, target, models, target_ngl, draft_ngl, 
 @_handle_errors
 def info(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose):
     """Report on a pair: vocabularies, token map, sizes, chat template, and how llama.cpp was built."""
-    from cospec_local.backend import build_info, missing_cpu_features
+    from cospec_local.backend import build_info
 
     pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose, need_draft=False)
     for role, model in (("target", pair.target), ("draft", pair.draft), *((f"model{i}", m) for i, m in enumerate(pair.extra, 1))):
@@ -291,10 +291,7 @@ def info(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_
         else:
             click.echo("  identical vocabularies")
     build = build_info()
-    click.echo(f"llama.cpp build: {build.system_info}")
-    missing = missing_cpu_features(build)
-    if missing:
-        click.echo(f"  WARNING: built for CPU features this machine lacks ({', '.join(missing)}): rebuild with `make llama-cpp`")
+    click.echo(f"llama.cpp build: {build.system_info}")  # a build this CPU cannot run was refused at load
     offloaded = target_ngl > 0 or draft_ngl > 0
     click.echo(f"kernels: {pair.kernels}; {build.guarantee(pair.kernels, offloaded)}")
     click.echo(f"chat template: {'from the GGUF' if pair.target.chat_template else 'none (fallback User:/Assistant: transcript)'}")

@@ -235,7 +235,6 @@ class BuildInfo:
 
     system_info: str  # llama.cpp's own line, e.g. 'CPU : SSE3 = 1 | AVX = 1 | ... | REPACK = 1 |'
     backends: dict  # backend name -> {feature: value}
-    gpu_offload: bool  # a GPU backend (CUDA, Metal, ...) is compiled in
 
     @property
     def cpu_features(self) -> frozenset[str]:
@@ -276,7 +275,7 @@ def build_info() -> BuildInfo:
         if current is not None and "=" in part:
             key, value = (x.strip() for x in part.split("=", 1))
             backends[current][key] = value
-    return BuildInfo(text.strip(), backends, bool(llama_cpp.llama_supports_gpu_offload()))
+    return BuildInfo(text.strip(), backends)
 
 
 def machine_cpu_flags() -> frozenset[str] | None:

@@ -45,7 +45,6 @@ class Family:
     vocab: str  # ggml-vocab-<vocab>.gguf
     template: str | None  # templates/<template>, None: a base model (no template)
     end_of_turn: str | None  # the token text a reply ends with under the template
-    bpe: bool
     # (id, text) of control tokens the real model has where the vocab file has [PAD<id>] or another
     # family's token: the vocab files carry only the first few special tokens.
     renames: tuple = ()
@@ -55,16 +54,16 @@ class Family:
 
 
 FAMILIES = {f.name: f for f in [
-    Family("llama3", "llama-bpe", "meta-llama-Llama-3.1-8B-Instruct.jinja", "<|eot_id|>", True),
-    Family("qwen2.5", "qwen2", "Qwen-Qwen2.5-7B-Instruct.jinja", "<|im_end|>", True),
-    Family("qwen3", "qwen35", "Qwen-Qwen3-0.6B.jinja", "<|im_end|>", True,
+    Family("llama3", "llama-bpe", "meta-llama-Llama-3.1-8B-Instruct.jinja", "<|eot_id|>"),
+    Family("qwen2.5", "qwen2", "Qwen-Qwen2.5-7B-Instruct.jinja", "<|im_end|>"),
+    Family("qwen3", "qwen35", "Qwen-Qwen3-0.6B.jinja", "<|im_end|>",
            renames=((151667, "<think>"), (151668, "</think>"))),
-    Family("gemma4", "gemma-4", "google-gemma-4-31B-it.jinja", "<turn|>", False, history_extends_prompt=False),
-    Family("phi3", "phi-3", "microsoft-Phi-3.5-mini-instruct.jinja", "<|end|>", False),
-    Family("gpt2", "gpt-2", None, None, True),
-    Family("deepseek-llm", "deepseek-llm", None, None, True),
+    Family("gemma4", "gemma-4", "google-gemma-4-31B-it.jinja", "<turn|>", history_extends_prompt=False),
+    Family("phi3", "phi-3", "microsoft-Phi-3.5-mini-instruct.jinja", "<|end|>"),
+    Family("gpt2", "gpt-2", None, None),
+    Family("deepseek-llm", "deepseek-llm", None, None),
     # DeepSeek-R1-Distill-Qwen: Qwen2's vocabulary with DeepSeek's control tokens at 151643-151649.
-    Family("deepseek-r1-qwen", "qwen2", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja", "<｜end▁of▁sentence｜>", True,
+    Family("deepseek-r1-qwen", "qwen2", "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja", "<｜end▁of▁sentence｜>",
            renames=((151643, "<｜end▁of▁sentence｜>"), (151644, "<｜User｜>"), (151645, "<｜Assistant｜>"),
                     (151646, "<｜begin▁of▁sentence｜>"), (151648, "<think>"), (151649, "</think>")),
            history_extends_prompt=False),

@@ -34,7 +34,7 @@ def test_the_feature_check_fails_for_a_build_this_cpu_cannot_run(monkeypatch):
 
     monkeypatch.setattr(backend, "machine_cpu_flags", lambda: frozenset(AVX2_ONLY.split()))
     fake = BuildInfo("CPU : AVX = 1 | AVX2 = 1 | AVX512 = 1 | AMX_INT8 = 1 |",
-                     {"CPU": {"AVX": "1", "AVX2": "1", "AVX512": "1", "AMX_INT8": "1"}}, False)
+                     {"CPU": {"AVX": "1", "AVX2": "1", "AVX512": "1", "AMX_INT8": "1"}})
     assert missing_cpu_features(fake) == ["AMX_INT8", "AVX512"]
 
 

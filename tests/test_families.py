@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from cospec_local.errors import IncompatiblePairError, ModelLoadError
 from cospec_local.pair import check_pair
 from families import FAMILIES, N_PAD, build_chat_family, build_family, tokenizer_vectors, vocab_path
 
+ROOT = Path(__file__).resolve().parents[1]
 CTX = 1024
 PROMPT = "The quick brown fox jumps over the lazy dog. def add(a, b):\n    return a + b\n"
 # A prompt that repeats itself, so prompt-lookup (n-gram) drafts find matches.
@@ -50,7 +52,7 @@ def test_tokenization_equals_llama_cpps_test_vectors(family_models, tmp_path, vo
     if family is None:  # a vocabulary without a family here: a one-layer model just for its tokenizer
         from families import Family
 
-        family = Family(vocab, vocab, None, None, True)
+        family = Family(vocab, vocab, None, None)
         path = build_family(family, tmp_path).target
     else:
         path = family_models[family.name].target
@@ -152,7 +154,7 @@ def test_a_vocab_only_gguf_is_a_clear_error():
     with pytest.raises(ModelLoadError, match="vocabulary-only GGUF .no weights."):
         check_gguf_file(path)
     out = subprocess.run([sys.executable, "-m", "cli.main", "info", "--target", str(path)], capture_output=True, text=True,
-                         timeout=60)
+                         timeout=60, cwd=ROOT)
     assert out.returncode == 1 and "vocabulary-only GGUF" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -160,7 +162,7 @@ def test_info_reports_both_vocabulary_sizes_and_the_build(family_models):
     models = family_models["qwen2.5"]
     out = subprocess.run([sys.executable, "-m", "cli.main", "info", "--draft", str(models.draft), "--target",
                           str(models.padded_target), "--threads", "1", "--ctx-size", "256"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert "target 152064, draft 151936 tokens" in out.stdout
     assert "padded pair: the target has 128 extra tokens" in out.stdout
