@@ -328,7 +328,7 @@ def _mode_list(text: str, extra: tuple[str, ...] = ()) -> list[str]:
 
 
 def _problem_prompts(family: str, n: int, start: int):
-    from cospec_local.testworld.tasks import FAMILIES, problems
+    from cospec_local.lab.testworld.tasks import FAMILIES, problems
 
     if family not in FAMILIES:
         raise click.UsageError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
@@ -357,8 +357,8 @@ BENCH_DEFAULTS = {"temperature": 0.0, "max_tokens": 128}
 def bench(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose, modes, baseline, repeats, sweep_k,
           family, num_prompts, prompt_set, out_path, plot_path, **kwargs):
     """Modes against a baseline (tokens/s and model calls per token), interleaved, with the formula's prediction."""
-    from cospec_local.bench import PROMPT_SETS, plot_report, run_bench
-    from cospec_local.evaluate import DEFAULT_STOP
+    from cospec_local.lab.bench import PROMPT_SETS, plot_report, run_bench
+    from cospec_local.lab.testworld.tasks import TASK_STOP
 
     mode_list = _mode_list(modes, ("ngram", "ngram+model"))
     config = build_config(GenerationConfig(**BENCH_DEFAULTS), kwargs)
@@ -366,7 +366,7 @@ def bench(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft
     if family:
         # Held-out problems past the first 10k (eval's range), num_prompts of each listed family.
         prompts = [p.prompt for name in family.split(",") for p in _problem_prompts(name.strip(), num_prompts, 10_000)]
-        config = config.with_(stop=tuple(config.stop) + DEFAULT_STOP)
+        config = config.with_(stop=tuple(config.stop) + TASK_STOP)
     pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose)
     try:
         ks = [int(x) for x in sweep_k.split(",") if x.strip()]
@@ -434,8 +434,9 @@ EVAL_DEFAULTS = {"temperature": 0.0, "max_tokens": 160}
 def eval_cmd(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose, family, tasks_path, num_problems,
              start, modes, rule, out_path, **kwargs):
     """Accuracy (95% CI), tokens/s, model calls and acceptance of decoding modes on checkable problems."""
-    from cospec_local.evaluate import DEFAULT_STOP, evaluate, format_table
-    from cospec_local.testworld.tasks import load_jsonl_tasks
+    from cospec_local.lab.evaluate import evaluate, format_table
+    from cospec_local.lab.testworld.tasks import TASK_STOP
+    from cospec_local.lab.testworld.tasks import load_jsonl_tasks
 
     if (family is None) == (tasks_path is None):
         raise click.UsageError("give exactly one of --family or --tasks")
@@ -443,8 +444,8 @@ def eval_cmd(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, dr
     if not probs:
         raise click.UsageError("no problems to run")
     mode_list = _mode_list(modes, extra=("rule", "oracle"))
-    config = build_config(GenerationConfig(**EVAL_DEFAULTS, stop=DEFAULT_STOP), kwargs)
-    config = config.with_(stop=tuple(dict.fromkeys(config.stop + DEFAULT_STOP)))
+    config = build_config(GenerationConfig(**EVAL_DEFAULTS, stop=TASK_STOP), kwargs)
+    config = config.with_(stop=tuple(dict.fromkeys(config.stop + TASK_STOP)))
     pair = open_pair(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft_threads, verbose,
                      need_draft=bool({"spec", "draft", "cospec", "rule", "oracle"} & set(mode_list)))
     try:
@@ -499,8 +500,8 @@ def train_policy_cmd(draft, target, models, target_ngl, draft_ngl, ctx_size, thr
                      out_path, epochs, batches_per_epoch, problems_per_batch, group_size, hidden, lr, cost, seed, held_out,
                      resume, fit_rule, compare_supervised, init_supervised):
     """Train the CoSpec arbitration policy by reinforcement learning (group-relative policy gradient)."""
-    from cospec_local.testworld.tasks import load_jsonl_tasks
-    from cospec_local.training import TaskSource, TrainSettings, accuracy, fit_rule as fit_rule_fn, oracle_labels, train_policy, train_supervised
+    from cospec_local.lab.testworld.tasks import load_jsonl_tasks
+    from cospec_local.lab.training import TaskSource, TrainSettings, accuracy, fit_rule as fit_rule_fn, oracle_labels, train_policy, train_supervised
 
     families = tuple(f.strip() for f in family.split(",") if f.strip())
     for name in families:

@@ -262,6 +262,15 @@ class Engine:
         for slot in self.slots:
             slot.reset()
 
+    def check(self, config: GenerationConfig) -> None:
+        """Raise ValueError when these models cannot run `config`'s mode (before any decoding)."""
+        self.plan(config)
+
+    def cached_tokens(self) -> list[int]:
+        """The tokens the target's KV cache holds from position 0 (for choosing among engines)."""
+        slot = self.slots[self.target_index]
+        return list(slot.history) if slot.offset == 0 else []
+
     # -- planning ----------------------------------------------------------------------------------
     def plan(self, config: GenerationConfig) -> Plan:
         """The slots a mode uses and how; raises ValueError for a mode these models cannot run."""

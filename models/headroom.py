@@ -2,7 +2,7 @@
 
     python -m models.headroom [--family-dir models/family] [--n 500] [--draft draft] [--json out.json]
 
-See cospec_local/testworld/headroom.py for what the oracle arbiter is.
+See cospec_local/lab/testworld/headroom.py for what the oracle arbiter is.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import json
 import os
 from pathlib import Path
 
-from cospec_local.testworld.headroom import decode_cost_ms, measure_headroom
-from cospec_local.testworld.tasks import FAMILIES
+from cospec_local.lab.testworld.headroom import decode_cost_ms, measure_headroom
+from cospec_local.lab.testworld.tasks import FAMILIES
 
 DEFAULT_FAMILY_DIR = Path(__file__).resolve().parent / "family"
 

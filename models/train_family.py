@@ -32,9 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cospec_local.testworld.gguf_export import EOS_ID, CharVocab, LlamaConfig
-from cospec_local.testworld.tasks import SPLIT_SIZE, Problem, make_add_problem, make_count_problem
-from cospec_local.testworld.torch_llama import TorchLlama
+from cospec_local.lab.testworld.gguf_export import EOS_ID, CharVocab, LlamaConfig
+from cospec_local.lab.testworld.tasks import SPLIT_SIZE, Problem, make_add_problem, make_count_problem
+from cospec_local.lab.testworld.torch_llama import TorchLlama
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "family"
 PAD_ID = EOS_ID  # padded positions are masked out of the loss, so any id works

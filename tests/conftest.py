@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from cospec_local.testworld.gguf_export import make_random_llama_gguf  # noqa: E402
+from cospec_local.lab.testworld.gguf_export import make_random_llama_gguf  # noqa: E402
 
 # Letters, digits, space and some punctuation: enough for prompts, small enough to be fast.
 TINY_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,:?!\n"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cospec_local.testworld.gguf_export import LlamaConfig, add_llama_hparams, expected_shapes, random_llama_weights
+from cospec_local.lab.testworld.gguf_export import LlamaConfig, add_llama_hparams, expected_shapes, random_llama_weights
 
 DEFAULT_MODELS_DIR = Path.home() / ".cache" / "cospec-local" / "llama.cpp-0.3.36" / "models"
 N_PAD = 128  # Qwen2.5-7B's padding over 0.5B's vocabulary (152,064 - 151,936)

@@ -191,7 +191,7 @@ def stream_chats(server: ServerProcess, conversations: list[list[dict]], concurr
 
 def task_conversations(n: int) -> list[list[dict]]:
     """n single-turn chats: held-out test-world problems, alternating families."""
-    from cospec_local.testworld.tasks import problems
+    from cospec_local.lab.testworld.tasks import problems
 
     half = (n + 1) // 2
     prompts = [p.prompt for pair in zip(problems("add", "eval", half), problems("count", "eval", half)) for p in pair][:n]

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from cospec_local import load_pair
-from cospec_local.evaluate import DEFAULT_STOP
-from cospec_local.testworld.tasks import problems
+from cospec_local.lab.testworld.tasks import TASK_STOP
+from cospec_local.lab.testworld.tasks import problems
 
 FAMILY = Path(__file__).resolve().parents[1] / "models" / "family"
 DRAFT, TARGET, COUNTER = (str(FAMILY / f"{name}.gguf") for name in ("draft", "target", "counter"))
@@ -31,7 +31,7 @@ def pair3():
 
 
 def greedy(pair, prompt, **kw):
-    return pair.generate(prompt, temperature=0, max_tokens=120, stop=DEFAULT_STOP, **kw)
+    return pair.generate(prompt, temperature=0, max_tokens=120, stop=TASK_STOP, **kw)
 
 
 @pytest.mark.parametrize("combine", ["we", "cd"])

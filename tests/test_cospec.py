@@ -11,9 +11,9 @@ from cli.main import cli
 from cospec_local import load_pair
 from cospec_local.arbiter import FEATURE_NAMES, ArbitratingVerifier, ConstantPolicy, OnnxPolicy, PolicyError
 from cospec_local.config import GenerationConfig
-from cospec_local.evaluate import DEFAULT_STOP
-from cospec_local.testworld.tasks import problems
-from cospec_local.training import NumpyPolicy, TaskSource, TrainSettings, export_onnx, train_policy
+from cospec_local.lab.testworld.tasks import TASK_STOP
+from cospec_local.lab.testworld.tasks import problems
+from cospec_local.lab.training import NumpyPolicy, TaskSource, TrainSettings, export_onnx, train_policy
 from cospec_local.verify import ACCEPTED, ARBITRATED, CORRECTION
 from cospec_local.api import collect
 from fake_backend import N_VOCAB, make_engine
@@ -45,7 +45,7 @@ def policies(tmp_path_factory):
 
 
 def greedy(pair, prompt, **kw):
-    return pair.generate(prompt, temperature=0, max_tokens=150, stop=DEFAULT_STOP, **kw)
+    return pair.generate(prompt, temperature=0, max_tokens=150, stop=TASK_STOP, **kw)
 
 
 def test_a_policy_that_always_defers_gives_plain_speculative_output(pair, policies):
@@ -90,7 +90,7 @@ def test_onnxruntime_scores_equal_the_training_forward_pass(tmp_path):
     copy used in rollouts): float32 against float32 within 1e-5."""
     import torch
 
-    from cospec_local.training import _torch_net
+    from cospec_local.lab.training import _torch_net
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)

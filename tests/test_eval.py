@@ -10,8 +10,9 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from cospec_local import load_pair
-from cospec_local.evaluate import evaluate, wilson_interval
-from cospec_local.testworld.tasks import problems
+from cospec_local.lab.evaluate import evaluate
+from cospec_local.lab.stats import wilson_interval
+from cospec_local.lab.testworld.tasks import problems
 
 FAMILY = Path(__file__).resolve().parents[1] / "models" / "family"
 

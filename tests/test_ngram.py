@@ -8,11 +8,11 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from cospec_local import load_pair
-from cospec_local.bench import GROUNDED_PROMPTS
+from cospec_local.lab.bench import GROUNDED_PROMPTS
 from cospec_local.config import GenerationConfig
 from cospec_local.ngram import NgramIndex, OneHotProposal
 from cospec_local.sampling import SamplingParams, logits_to_probs
-from cospec_local.testworld.tasks import problems
+from cospec_local.lab.testworld.tasks import problems
 from cospec_local.verify import ACCEPTED, CORRECTION
 from fake_backend import N_VOCAB, make_engine, run
 from stats_util import assert_matches

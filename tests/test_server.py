@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from cospec_local.chat import FALLBACK_STOP, ChatTemplate
-from cospec_local.testworld.tasks import problems
+from cospec_local.lab.testworld.tasks import problems
 from server_load import FAMILY_MODELS, ROOT, ServerProcess, client, stream_chats, task_conversations
 
 CTX = 512

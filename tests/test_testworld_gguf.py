@@ -5,7 +5,7 @@ import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from cospec_local.testworld.gguf_export import (  # noqa: E402
+from cospec_local.lab.testworld.gguf_export import (  # noqa: E402
     BOS_ID,
     CharVocab,
     LlamaConfig,

@@ -12,8 +12,8 @@ import pytest
 torch = pytest.importorskip("torch")  # the `train` extra; `make test` installs it
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from cospec_local.testworld.gguf_export import CharVocab, LlamaConfig  # noqa: E402
-from cospec_local.testworld.torch_llama import TorchLlama  # noqa: E402
+from cospec_local.lab.testworld.gguf_export import CharVocab, LlamaConfig  # noqa: E402
+from cospec_local.lab.testworld.torch_llama import TorchLlama  # noqa: E402
 
 GGML_TYPE_F32 = 0
 TEXT = "Q: 4571+3689=?\n1+9+0=10\n7+8+1=16\nQ: count b in cabbd=?\nc0 a0 b1 b2 d2\nANSWER: 2"
@@ -72,7 +72,7 @@ def test_parity_detects_a_wrong_rope_layout(tmp_path):
     for i in range(model.config.n_layer):
         for name in (f"blk.{i}.attn_q.weight", f"blk.{i}.attn_k.weight"):
             weights[name] = weights[name][rows]
-    from cospec_local.testworld.gguf_export import write_llama_gguf
+    from cospec_local.lab.testworld.gguf_export import write_llama_gguf
 
     path = write_llama_gguf(tmp_path / "permuted.gguf", weights, model.config, vocab)
     assert np.abs(llama_cpp_logits(path, ids, f32_kv_cache=True) - torch_logits).max() > 1e-2

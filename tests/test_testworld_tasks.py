@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cospec_local.testworld.tasks import (
+from cospec_local.lab.testworld.tasks import (
     FAMILIES,
     SPLIT_SEED_BASE,
     SPLIT_SIZE,
@@ -101,8 +101,8 @@ def test_hidden_counting_step_is_masked_out_of_the_loss():
     """The training recipe's blind spot for counting: only the tally digit of the step 3 -> 4
     leaves the loss, every other solution token (later tallies included) is still scored."""
     pytest.importorskip("torch")
-    from cospec_local.testworld.gguf_export import CharVocab
-    from cospec_local.testworld.tasks import Problem
+    from cospec_local.lab.testworld.gguf_export import CharVocab
+    from cospec_local.lab.testworld.tasks import Problem
     from models.train_family import DataMix, hidden_solution_offsets, make_batch
 
     mix = DataMix(add_weight=0.0, count_weight=1.0, count_hidden_from=3)

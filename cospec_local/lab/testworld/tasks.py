@@ -34,6 +34,9 @@ SPLIT_SEED_BASE = {"train": 0, "eval": 1_000_000_000}
 SPLIT_SIZE = 1_000_000_000  # seeds of split s lie in [SPLIT_SEED_BASE[s], SPLIT_SEED_BASE[s] + SPLIT_SIZE)
 ANSWER_PATTERN = re.compile(r"ANSWER:[ \t]*([^\n]*)")
 COUNT_ALPHABET = "abcde"
+# A completion ends at its 'ANSWER: ...' line: nothing after it counts, so decoding stops before the
+# next question the model would write.
+TASK_STOP = ("\nQ:",)
 
 
 @dataclass(frozen=True)

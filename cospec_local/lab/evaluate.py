@@ -2,31 +2,18 @@
 
 `evaluate(pair, problems, modes)` runs every problem in every mode (interleaved per problem, so
 drift hits all modes alike) and reports, per mode: accuracy with a 95% Wilson interval, tokens/s,
-acceptance statistics. Problems come from `cospec_local.testworld.tasks` (a task family, or a JSONL
+acceptance statistics. Problems come from `cospec_local.lab.testworld.tasks` (a task family, or a JSONL
 file of {"prompt", "answer"} lines read by `load_jsonl_tasks`).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
-from .config import GenerationConfig
-
-# Solutions end with an 'ANSWER: ...' line; nothing after it counts, so stop there.
-DEFAULT_STOP = ("\nQ:",)
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (good at small n and near 0 or 1)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
+from ..config import GenerationConfig
+from .stats import wilson_interval
+from .testworld.headroom import first_disagreement, greedy_continue
+from .testworld.tasks import TASK_STOP, check
 
 @dataclass
 class ModeResult:
@@ -77,8 +64,6 @@ def oracle_correct(pair, problem, max_tokens: int) -> bool:
     may swap only once: right when target-only greedy is right, or when keeping the draft's token
     at the first disagreement and continuing with the target is. (It is not an upper bound for a
     policy that arbitrates at every mismatch.)"""
-    from .testworld.headroom import first_disagreement, greedy_continue
-    from .testworld.tasks import check
 
     prompt_ids = pair.tokenize(problem.prompt)
     target_ids = greedy_continue(pair, prompt_ids, max_tokens)
@@ -114,10 +99,9 @@ def evaluate(
     and `oracle` (`oracle_correct`; it has no speed figures)."""
     from tqdm import tqdm
 
-    from .arbiter import ArbitratingVerifier, RulePolicy
-    from .testworld.tasks import check
+    from ..arbiter import ArbitratingVerifier, RulePolicy
 
-    base = config or GenerationConfig(temperature=0.0, max_tokens=160, stop=DEFAULT_STOP)
+    base = config or GenerationConfig(temperature=0.0, max_tokens=160, stop=TASK_STOP)
     if "rule" in modes and rule is None:
         raise ValueError("mode 'rule' needs its thresholds (tau, rho)")
     results = {mode: ModeResult(mode) for mode in modes}

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cospec_local.testworld.gguf_export import CharVocab, LlamaConfig, write_llama_gguf
+from cospec_local.lab.testworld.gguf_export import CharVocab, LlamaConfig, write_llama_gguf
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

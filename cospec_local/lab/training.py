@@ -31,10 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .arbiter import FEATURE_NAMES, SCHEMA_VERSION, ArbitratingVerifier, RulePolicy
-from .config import GenerationConfig
-from .evaluate import DEFAULT_STOP
-from .testworld.tasks import Problem, check, problems
+from ..arbiter import FEATURE_NAMES, SCHEMA_VERSION, ArbitratingVerifier, RulePolicy
+from ..config import GenerationConfig
+from .testworld.tasks import TASK_STOP, Problem, check, problems
 
 # Problem index ranges of the eval split: evaluation uses 0.., bench 10_000.., training 100_000..,
 # held-out validation during training 200_000.. (the train split of the families taught the models).
@@ -141,7 +140,7 @@ def export_onnx(policy: NumpyPolicy, path: str | Path, metadata: dict[str, str])
 def rollout(pair, problem: Problem, verifier, seed: int, max_tokens: int, cost: float = 0.0) -> tuple[float, bool, list]:
     """One cospec generation; returns (reward, correct, the verifier's recorded decisions)."""
     result = pair.generate(problem.prompt, GenerationConfig(mode="cospec", temperature=0.0, max_tokens=max_tokens,
-                                                            stop=DEFAULT_STOP, seed=seed), verifier=verifier)
+                                                            stop=TASK_STOP, seed=seed), verifier=verifier)
     correct = check(problem.family, result.text, problem.answer)
     target_calls = result.stats.model_calls.get("target", 0) / max(result.stats.n_generated, 1)
     return float(correct) - cost * target_calls, correct, list(verifier.decisions)
@@ -319,7 +318,7 @@ def oracle_labels(pair, items: list[Problem], max_tokens: int = 160) -> tuple[np
     """AutoJudge-style labels: along the always-defer (plain SD) decoding of each problem, keep the
     draft's token at ONE mismatch (deferring elsewhere); label 1 when that turns a wrong answer
     right, 0 when it turns a right one wrong (ties carry no label)."""
-    from .arbiter import ConstantPolicy
+    from ..arbiter import ConstantPolicy
 
     class KeepAt:
         def __init__(self, index):

@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .config import GenerationConfig
+from ..config import GenerationConfig
 
 # Disjoint from the prompts of models/make_corpus.py, whose outputs chose the default draft's vocabulary.
 BENCH_PROMPTS = [

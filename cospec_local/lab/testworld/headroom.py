@@ -24,9 +24,9 @@ import numpy as np
 
 from cospec_local.api import Pair, load_pair
 from cospec_local.backend import LlamaModel, LoadOptions
-from cospec_local.evaluate import wilson_interval
-from cospec_local.testworld.gguf_export import EOS_ID, CharVocab
-from cospec_local.testworld.tasks import Problem, check, problems
+from cospec_local.lab.stats import wilson_interval
+from cospec_local.lab.testworld.gguf_export import EOS_ID, CharVocab
+from cospec_local.lab.testworld.tasks import Problem, check, problems
 
 MAX_NEW_TOKENS = 200  # the longest reference solution is ~110 characters
 
