@@ -462,7 +462,7 @@ def eval_cmd(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, dr
                 rule_thresholds = (float(meta["cospec.rule_tau"]), float(meta["cospec.rule_rho"]))
         for mode in mode_list:
             if mode not in ("rule", "oracle"):
-                pair.engine.plan(config.with_(mode=mode))  # fail before the first problem
+                pair.engine.check(config.with_(mode=mode))  # fail before the first problem
         if "cospec" in mode_list:
             pair.engine.load_policy(config.policy)
         report = evaluate(pair, probs, mode_list, config, rule=rule_thresholds)
@@ -575,7 +575,7 @@ def serve(draft, target, models, target_ngl, draft_ngl, ctx_size, threads, draft
     try:
         if pair.draft is None and config.mode == "spec" and config.draft_source != "ngram":
             config = config.with_(mode="target")
-        pair.engine.plan(config)  # a default mode these models cannot run fails now, not per request
+        pair.engine.check(config)  # a default mode these models cannot run fails now, not per request
         if config.mode == "cospec" or config.policy:
             pair.engine.load_policy(config.policy)  # a bad policy file fails now
         settings = ServerSettings(model_id or pair.target.path.stem, config, api_key)

@@ -222,7 +222,7 @@ class ArbitratingVerifier:
         return kept
 
     def verify(self, bundle: RowBundle, rng: np.random.Generator) -> Verdict:
-        if any(p < 0 for p in bundle.proposers):
+        if not all(p.draws_from_model for p in bundle.proposers):
             raise ValueError("CoSpec arbitration needs a model draft's proposals (its features read the draft's "
                              "distribution), not n-gram ones: use --draft-source model")
         self._spent, self._seen = 0.0, 0

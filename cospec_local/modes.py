@@ -27,9 +27,11 @@ import time
 
 import numpy as np
 
+from . import speedup
 from .combine import Combination, Contrastive, Single, WeightedEnsemble
 from .config import MODES as MODE_NAMES
 from .config import GenerationConfig
+from .proposers import ModelProposer, NgramProposer
 from .verify import StandardVerifier, Verifier
 
 
@@ -61,11 +63,11 @@ class Mode:
         """The config to run when no draft was loaded (spec falls back to target-only)."""
         return config
 
-    @classmethod
-    def predicted_speedup(cls, measured: dict) -> dict | None:
-        """bench: the formulas' expected speedup over the bench baseline from measured acceptance
-        (`alpha`, `gamma`), cost ratio `c` and verification cost (`verify_ratio(n_rows)`); None
-        when no formula covers this mode against that baseline."""
+    def predict(self, baseline: str, alpha: float, gamma: float, c: float, verify_ratio) -> dict | None:
+        """bench: the formulas' speedup over `baseline` (`speedup`) from the measured per-token
+        acceptance `alpha`, mean proposal length `gamma`, cost ratio `c` and verification cost
+        (`verify_ratio(n_rows)`, in one-token target calls): {"predicted_speedup",
+        "predicted_speedup_with_verify_cost", ...}; None when no formula covers this comparison."""
         return None
 
     # -- one generation ------------------------------------------------------------------------------
@@ -80,8 +82,20 @@ class Mode:
         """Per-generation set-up of the proposers' state."""
 
     def take_turn(self, gen) -> None:
-        """One call of one model: a proposer drafts, or a member scores the pending tokens."""
-        raise NotImplementedError
+        """One turn: a proposer drafts, or a member scores the pending tokens (the default)."""
+        self.score(gen)
+
+    def score(self, gen) -> int:
+        """The member with the fewest rows scores every pending token in one batch (plus the bonus
+        row after them, except in cospec); returns its slot index."""
+        i = min(self.combination.members, key=lambda m: len(self.slots[m].rows))
+        t0 = time.perf_counter()
+        rows = self.slots[i].score(gen.context, gen.pending, None if self.has_bonus_row else len(gen.pending))
+        self.observe_score(len(rows), time.perf_counter() - t0)
+        return i
+
+    def observe_score(self, n_rows: int, seconds: float) -> None:
+        """A member's scoring call took `seconds` for `n_rows` rows."""
 
     def observe(self, gen, n_verified: int, n_accepted: int, n_emitted: int) -> None:
         """After a verification: what the draft-length policies learn from it."""
@@ -102,9 +116,16 @@ class DraftOnly(Mode):
     def needs_draft(cls, config):
         return True
 
+    def __init__(self, engine, config, conversation):
+        super().__init__(engine, config, conversation)
+        draft = _draft_index(engine, "mode 'draft' needs a draft model")
+        self.combination, self.active = Single(draft), (draft,)
+
 
 class Spec(Mode):
-    """Speculative decoding: proposers draft, the target verifies (lossless)."""
+    """Speculative decoding: the n-gram lookup and/or the draft model propose, the target verifies
+    (lossless). The draft's length per cycle comes from the conversation's adaptive policies (one
+    per proposer: n-gram proposals learn their own acceptance); k = 0 is a plain target step."""
 
     name = "spec"
 
@@ -116,9 +137,88 @@ class Spec(Mode):
     def without_draft(cls, config):
         return config.with_(mode="target") if cls.needs_draft(config) else config
 
+    def predict(self, baseline, alpha, gamma, c, verify_ratio):
+        if baseline != "target":
+            return None
+        c = c if self.model is not None else 0.0  # an n-gram lookup costs nothing next to a model call
+        rows = verify_ratio(gamma + 1)
+        return {"predicted_speedup": speedup.predicted_speedup(alpha, gamma, c),
+                "predicted_speedup_with_verify_cost": speedup.predicted_speedup_with_verify_cost(alpha, gamma, c, rows),
+                # A draft that costs nothing with the same acceptance: the ceiling that the
+                # target's verification cost alone sets on this machine.
+                "ceiling_free_draft": speedup.predicted_speedup_with_verify_cost(alpha, gamma, 0.0, rows)}
+
+    def __init__(self, engine, config, conversation):
+        super().__init__(engine, config, conversation)
+        target = engine.target_index
+        self.policy = conversation.draft_length if config.adaptive else None  # the model draft's
+        self.ngram = self.ngram_policy = self.model = None
+        if config.draft_source != "model":
+            self.ngram = NgramProposer(conversation.ngram_index)
+            self.ngram_policy = conversation.ngram_length if self.policy is not None else None
+        if config.draft_source != "ngram":
+            draft = _draft_index(engine, "mode 'spec' needs a draft model (or --draft-source ngram)")
+            self.model = ModelProposer(draft, engine.slots[draft], stops_when_unsure=True, windowed=True,
+                                       length_policy=self.policy)
+            self.active = (draft, target)
+        self._k: int | None = None  # this round's proposal length (0: a target step)
+        self._cycle_policy = None  # the policy whose proposer drafted this round
+
+    def start(self):
+        if self.ngram is not None:  # whether the output repeats its context depends on the prompt
+            self.conversation.ngram_length.new_input()
+
+    def prefills_lazily(self, index):
+        # The draft skips the prompt while measurements say drafting loses; a probe then feeds it a window.
+        return self.model is not None and index == self.model.index and self.policy is not None and self.policy.drafting_loses
+
+    def take_turn(self, gen):
+        if not gen.pending and gen.limit > 0 and self._draft(gen):
+            return
+        self.score(gen)
+
+    def _draft(self, gen) -> bool:
+        """Propose from the n-gram lookup when it has a match, else from the draft model."""
+        cap = min(self.config.draft_max, gen.limit)
+        if self.ngram is not None:
+            n = cap if self.ngram_policy is None else self.ngram_policy.choose(cap)
+            found = self.ngram.propose(gen, n)
+            if found:
+                self._k, self._cycle_policy = found, self.ngram_policy
+                return True
+        if self.model is None:
+            return False
+        n = cap if self.policy is None else self.policy.choose(cap)
+        if self.policy is not None:
+            self._k = n
+        return n > 0 and self.model.propose(gen, n) >= 0
+
+    def observe_score(self, n_rows, seconds):
+        # The target's call-time line: both policies verify with the same target.
+        for policy in (self.policy, self.ngram_policy):
+            if policy is not None and n_rows:
+                policy.observe_target(n_rows, seconds)
+
+    def observe(self, gen, n_verified, n_accepted, n_emitted):
+        cycle = self._cycle_policy or self.policy
+        if cycle is not None:
+            if n_verified:
+                cycle.observe_acceptance(n_verified, n_accepted)
+            seconds = time.perf_counter() - gen.round_started
+            cycle.observe_cycle(self._k or 0, seconds, n_emitted)
+            if not self._k and self.ngram_policy is not None and cycle is not self.ngram_policy:
+                self.ngram_policy.observe_cycle(0, seconds, n_emitted)  # target steps: both learn
+        self._k, self._cycle_policy = None, None
+
 
 class CoSpec(Mode):
-    """Speculative decoding where a learned arbiter may keep the draft's token at a mismatch."""
+    """Speculative decoding where a learned arbiter may keep the draft's token at a mismatch.
+
+    The draft writes every token (no bonus row) and always fills the batch: k + 1 tokens, fewer
+    only at a confidence stop. A cycle then covers as many positions per target call as spec's
+    longest, and overrides lengthen accepted runs, so cospec makes no more target calls per token
+    than spec (fewer in every run measured). Shorter runs can be a little faster (add: 4 tokens,
+    2-6%) at more target calls than spec: that is -k's call."""
 
     name = "cospec"
     arbitrates = True
@@ -128,23 +228,109 @@ class CoSpec(Mode):
     def needs_draft(cls, config):
         return True
 
+    def __init__(self, engine, config, conversation):
+        super().__init__(engine, config, conversation)
+        draft = _draft_index(engine, "mode 'cospec' needs a draft model")
+        self.model = ModelProposer(draft, engine.slots[draft], stops_when_unsure=True)
+        self.active = (draft, engine.target_index)
+
+    def verifier(self):
+        from .arbiter import ArbitratingVerifier
+
+        return ArbitratingVerifier(self.engine.load_policy(self.config.policy), self.config.threshold)
+
+    def take_turn(self, gen):
+        if not gen.pending and gen.limit > 0:
+            self.model.propose(gen, min(self.config.draft_max + 1, gen.limit))
+            return
+        self.score(gen)
+
 
 class Collab(Mode):
     """Every model scores every token; the output follows r (the collaborative reference)."""
 
     name = "collab"
 
+    def __init__(self, engine, config, conversation):
+        super().__init__(engine, config, conversation)
+        n = len(engine.slots)
+        if n < 2:
+            raise ValueError(f"mode {self.name!r} combines several models: give a --draft (and --model ...)")
+        self.active = tuple(range(n))
+        if config.combine == "cd":
+            if n != 2:
+                raise ValueError("contrastive decoding (--combine cd) combines exactly two models, the draft and the target")
+            target = engine.target_index
+            self.combination = Contrastive(expert=target, amateur=1 - target, mu=config.mu)
+        else:
+            self.combination = WeightedEnsemble(self.active, config.weights)
+        # Default proposal lengths: the draft's leaves room in the exact-size batch for every other
+        # model's bonus token (cos), the others propose one token each (the paper's setting).
+        self.gammas = config.gamma or tuple(max(1, config.draft_max + 1 - n) if i == 0 else 1 for i in range(n))
+        if len(self.gammas) != n:
+            raise ValueError(f"--gamma has {len(self.gammas)} values for {n} models (order: draft, target, --model ...)")
+        self.proposers = [ModelProposer(i, slot) for i, slot in enumerate(engine.slots)]
+
 
 class CosNaive(Collab):
-    """The draft proposes gamma tokens, r verifies them."""
+    """The draft (the first slot) proposes gamma tokens, r verifies them."""
 
     name = "cos-naive"
 
+    def predict(self, baseline, alpha, gamma, c, verify_ratio):
+        if baseline != "collab" or len(self.slots) != 2:
+            return None
+        return {"predicted_speedup": speedup.predicted_cos_naive_speedup(alpha, gamma, c),
+                "predicted_speedup_with_verify_cost": speedup.predicted_cos_naive_speedup(alpha, gamma, c, verify_ratio(gamma + 1))}
+
+    def take_turn(self, gen):
+        if not gen.pending and self.gammas[0] > 0 and gen.limit > 0:
+            self.proposers[0].propose(gen, self.gammas[0])
+            return
+        self.score(gen)
+
 
 class Cos(Collab):
-    """CoS with alternating proposers (two models: the Alternate Proposal Framework)."""
+    """CoS with alternating proposers: every scoring call appends its model's own sample (the
+    bonus) to the proposal; when everything before it is accepted, its owner drafts up to its
+    gamma (two models: the Alternate Proposal Framework; n models: the paper's queue scheme). The
+    model with the largest gamma proposes first (ties: the first, i.e. the draft)."""
 
     name = "cos"
+
+    def predict(self, baseline, alpha, gamma, c, verify_ratio):
+        if baseline != "collab" or len(self.slots) != 2:
+            return None
+        gq, gp = self.gammas
+        return {"predicted_speedup": speedup.predicted_apf_speedup(alpha, gq, gp, c),
+                "predicted_speedup_with_verify_cost": speedup.predicted_apf_speedup(alpha, gq, gp, c, verify_ratio(gq + 1))}
+
+    def take_turn(self, gen):
+        pending, limit = gen.pending, gen.limit
+        if not pending:
+            proposer = self._first_proposer()
+            n = self.gammas[proposer.index]
+            if n > 0 and limit > 0:
+                proposer.propose(gen, n)
+                return
+        else:
+            owner = gen.proposed_by[0]
+            n_more = min(self.gammas[owner.index], limit) - len(pending)
+            if n_more > 0 and all(p is owner for p in gen.proposed_by) and len(owner.slot.rows) == len(pending):
+                owner.propose(gen, n_more)
+                return
+        i = self.score(gen)
+        if len(pending) < limit:  # the scoring model's own sample extends the proposal
+            token, _ = self.slots[i].draw(len(pending), self.config.sampling, gen.rng)
+            gen.add_pending(token, self.proposers[i])
+
+    def _first_proposer(self) -> ModelProposer:
+        """With nothing pending: the model whose row for the next position is already queued
+        proposes (the roles swap after a fully accepted proposal); else the default one."""
+        for proposer in self.proposers:
+            if proposer.slot.rows:
+                return proposer
+        return self.proposers[int(np.argmax(self.gammas))]
 
 
 MODES: dict[str, type[Mode]] = {cls.name: cls for cls in (Spec, TargetOnly, DraftOnly, Collab, Cos, CosNaive, CoSpec)}
@@ -154,3 +340,11 @@ assert tuple(MODES) == MODE_NAMES, "config.MODES lists the modes in the order of
 def mode_class(config: GenerationConfig) -> type[Mode]:
     """The class of `config.mode`."""
     return MODES[config.mode]
+
+
+def _draft_index(engine, message: str) -> int:
+    """The draft's slot index, or ValueError(message) when no draft was loaded."""
+    draft = engine.index.get("draft")
+    if draft is None:
+        raise ValueError(message)
+    return draft

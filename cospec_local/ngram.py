@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 
-NGRAM = -1  # the proposer index of n-gram proposals (slots are 0, 1, ...)
 DEFAULT_NGRAM_MAX = 4  # longest suffix looked up
 DEFAULT_NGRAM_MIN = 2  # shortest: a single repeated token predicts too little to pay a verify row
 

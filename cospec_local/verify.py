@@ -3,7 +3,7 @@
 Glossary (used across the package):
 - *position j*: the j-th token after the committed context (j = 0 is the next token);
 - *proposed tokens* `x_0..x_{t-1}`: tokens some model proposed for positions 0..t-1, in shared
-  (target) ids; `proposers[j]` is the slot that proposed x_j, and `q_j = bundle.probs(proposers[j], j)`
+  (target) ids; `proposers[j]` is the `proposers.Proposer` of x_j, and `q_j = bundle.proposal_probs(j)`
   the distribution it drew x_j from when sampling (when greedy, x_j is q_j's argmax and q_j is the
   proposer's plain softmax);
 - *r_j*: the distribution the output must follow at position j, built from the member models'
@@ -27,7 +27,6 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from .ngram import NGRAM, OneHotProposal
 from .sampling import SamplingParams, logits_to_probs, sample, softmax
 
 # How an emitted token was produced (its provenance); the slot that produced it travels alongside.
@@ -82,9 +81,7 @@ class RowBundle:
     def proposal_probs(self, j: int):
         """q_j: the distribution the proposed token x_j was drawn from (one-hot for an n-gram
         proposal, which is deterministic)."""
-        if self.proposers[j] == NGRAM:
-            return OneHotProposal(self.tokens[j])
-        return self.probs(self.proposers[j], j)
+        return self.proposers[j].proposal_probs(self, j)
 
     def combined(self, j: int) -> np.ndarray:
         """r_j, dense over shared ids (cached)."""
@@ -182,7 +179,3 @@ class StandardVerifier:
 
     def verify(self, bundle: RowBundle, rng) -> Verdict:
         return verify_run(bundle, rng)
-
-
-def default_verifier(params: SamplingParams) -> Verifier:
-    return StandardVerifier()

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from cospec_local.combine import Single
+from cospec_local.proposers import ModelProposer
 from cospec_local.sampling import SamplingParams
 from cospec_local.verify import ACCEPTED, BONUS, CORRECTION, RowBundle, verify_run
 from stats_util import assert_matches, chi2_critical
@@ -13,6 +14,7 @@ class RowsOnly:
     """A slot reduced to what a RowBundle reads: queued rows and their processed distributions."""
 
     token_map = None
+    name = "draft"
 
     def __init__(self, rows):
         self.rows = list(rows)
@@ -26,7 +28,7 @@ def bundle(tokens, draft_probs, target_probs, temperature=1.0):
     """Slot 0 proposed `tokens` from `draft_probs`; slot 1 (the target) scored len(target_probs) rows.
     Rows are log-probabilities, so the processed distribution at temperature 1 is the row itself."""
     slots = [RowsOnly(np.log(draft_probs)), RowsOnly(np.log(target_probs))]
-    return RowBundle(slots, Single(1), SamplingParams(temperature=temperature), list(tokens), [0] * len(tokens),
+    return RowBundle(slots, Single(1), SamplingParams(temperature=temperature), list(tokens), [ModelProposer(0, slots[0])] * len(tokens),
                      len(target_probs), len(target_probs[0]))
 
 
@@ -39,7 +41,7 @@ def greedy_verdict(tokens, target_logits):
     target_logits = np.asarray(target_logits, dtype=np.float64)
     draft = np.full((max(len(tokens), 1), target_logits.shape[1]), 1.0 / target_logits.shape[1])
     slots = [RowsOnly(np.log(draft)), RowsOnly(target_logits)]
-    b = RowBundle(slots, Single(1), SamplingParams(temperature=0.0), list(tokens), [0] * len(tokens),
+    b = RowBundle(slots, Single(1), SamplingParams(temperature=0.0), list(tokens), [ModelProposer(0, slots[0])] * len(tokens),
                   len(target_logits), target_logits.shape[1])
     return verify_run(b, np.random.default_rng(0))
 

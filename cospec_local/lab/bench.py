@@ -20,6 +20,7 @@ from dataclasses import replace
 import numpy as np
 
 from ..config import GenerationConfig
+from ..speedup import predicted_speedup, predicted_speedup_with_verify_cost  # noqa: F401 (the formulas, for tests)
 
 # Disjoint from the prompts of models/make_corpus.py, whose outputs chose the default draft's vocabulary.
 BENCH_PROMPTS = [
@@ -98,44 +99,12 @@ def measure_costs(pair, repeats: int = 30, max_rows: int = 9, prompt: str = BENC
     return costs
 
 
-def predicted_speedup(alpha: float, gamma: float, c: float) -> float:
-    """Expected wall-time speedup of speculative decoding (draft length gamma, cost ratio c)."""
-    if alpha >= 1.0:
-        return (gamma + 1) / (gamma * c + 1)
-    return (1 - alpha ** (gamma + 1)) / ((1 - alpha) * (gamma * c + 1))
-
-
-def predicted_speedup_with_verify_cost(alpha: float, gamma: float, c: float, verify_ratio: float) -> float:
-    """The same expectation when verifying gamma + 1 tokens costs `verify_ratio` target calls
-    instead of one (on CPUs every verified row pays the output head: Gemma's 262k-wide head
-    makes a 6-row verification cost ~3.6 single-token calls here)."""
-    tokens = gamma + 1 if alpha >= 1.0 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
-    return tokens / (gamma * c + verify_ratio)
-
-
 def verify_ratio(costs: dict, n_rows: float) -> float:
     """Measured verification cost of `n_rows` logit rows over one single-token target call
     (linear interpolation between the measured row counts)."""
     points = sorted((int(n), ms) for n, ms in costs["verify_ms_by_rows"].items())  # JSON keys are str
     rows, ms = zip(*points)
     return float(np.interp(n_rows, rows, ms)) / costs["target_call_ms"]
-
-
-def predicted_cos_naive_speedup(alpha: float, gamma: float, c: float, verify_ratio: float = 1.0) -> float:
-    """Naive CoS over collaborative decoding: g draft calls and one target call per cycle give
-    (1 - a^g) / (1 - a) tokens (no bonus); collab pays 1 + c per token. `verify_ratio`: the
-    target's verification call in single-call units (1 in the paper's model)."""
-    tokens = gamma if alpha >= 1.0 else (1 - alpha**gamma) / (1 - alpha)
-    return (1 + c) * tokens / (gamma * c + verify_ratio)
-
-
-def predicted_apf_speedup(alpha: float, gamma_q: int, gamma_p: int, c: float, verify_ratio: float = 1.0) -> float:
-    """CoS with the Alternate Proposal Framework over collaborative decoding (two models, the
-    paper's formula): (1 - a^gq)(1 + c) / ((1 - a)(1 + c gq - a^gp c)), with the target's call
-    (the 1 in the denominator) replaced by `verify_ratio` when rows are not free."""
-    if alpha >= 1.0:
-        return gamma_q * (1 + c) / (verify_ratio + c * gamma_q - c)
-    return (1 - alpha**gamma_q) * (1 + c) / ((1 - alpha) * (verify_ratio + c * gamma_q - alpha**gamma_p * c))
 
 
 def _run(pair, config: GenerationConfig, prompts, max_tokens: int) -> dict:
@@ -180,7 +149,7 @@ def run_bench(
         configs[f"spec_k{k}"] = replace(base, mode="spec", draft_max=k, adaptive=False)
     configs[baseline] = replace(base, mode=baseline)
     for cfg in configs.values():
-        pair.engine.plan(cfg)  # a mode these models cannot run fails now, not after minutes
+        pair.engine.check(cfg)  # a mode these models cannot run fails now, not after minutes
 
     costs = measure_costs(pair, prompt=prompts[0])
     runs = {name: [] for name in configs}
@@ -254,27 +223,13 @@ def run_bench(
             f"greedy_output_identical_to_{baseline}": same if base.temperature == 0 else None,
         }
         predicted = None
-        if cfg.mode == "spec" and baseline == "target" and cycles:
-            # An n-gram lookup costs nothing next to a model call: c = 0 (ngram+model mixes both).
-            c_mode = 0.0 if cfg.draft_source == "ngram" else c
-            predicted = predicted_speedup(alpha, gamma, c_mode)
-            m["predicted_speedup_with_verify_cost"] = predicted_speedup_with_verify_cost(
-                alpha, gamma, c_mode, verify_ratio(costs, gamma + 1))
-            m["achieved_over_predicted_with_verify_cost"] = m["speedup_median"] / m["predicted_speedup_with_verify_cost"]
-            # What a draft that costs nothing (c = 0) with the same acceptance would reach: the
-            # ceiling that the target's verification cost alone sets on this machine.
-            m["ceiling_free_draft"] = predicted_speedup_with_verify_cost(alpha, gamma, 0.0, verify_ratio(costs, gamma + 1))
-        elif baseline == "collab" and len(pair.engine.slots) == 2 and cycles:
-            gammas = pair.engine.plan(cfg).gammas
-            if cfg.mode == "cos-naive":
-                predicted = predicted_cos_naive_speedup(alpha, gamma, c)
-                with_cost = predicted_cos_naive_speedup(alpha, gamma, c, verify_ratio(costs, gamma + 1))
-            elif cfg.mode == "cos":
-                predicted = predicted_apf_speedup(alpha, gammas[0], gammas[1], c)
-                with_cost = predicted_apf_speedup(alpha, gammas[0], gammas[1], c, verify_ratio(costs, gammas[0] + 1))
-            if predicted is not None:
-                m["predicted_speedup_with_verify_cost"] = with_cost
-                m["achieved_over_predicted_with_verify_cost"] = m["speedup_median"] / with_cost
+        if cycles:
+            prediction = pair.engine.mode_for(cfg).predict(
+                baseline, alpha, gamma, c, lambda n_rows: verify_ratio(costs, n_rows))
+            if prediction is not None:
+                predicted = prediction.pop("predicted_speedup")
+                m.update(prediction)
+                m["achieved_over_predicted_with_verify_cost"] = m["speedup_median"] / m["predicted_speedup_with_verify_cost"]
         m["predicted_speedup"] = predicted
         m["achieved_over_predicted"] = m["speedup_median"] / predicted if predicted else None
     return report

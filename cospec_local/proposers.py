@@ -1,0 +1,101 @@
+"""Proposers: who drafts the pending tokens. One small interface, one class per kind.
+
+A proposer drafts up to n tokens after the generation's context and pending tokens
+(`propose(generation, n)`, which appends them with `Generation.add_pending`), and gives, for each
+token it proposed, the distribution q_j it drew it from (`proposal_probs(bundle, j)`), which the
+verifier needs for rejection sampling. `name` is the provenance shown on emitted tokens
+(`TokenEvent.slot`).
+
+- `ModelProposer`: a model slot drafts one call per token (its first row may already be queued:
+  in CoS a member's bonus row); q is its processed row.
+- `NgramProposer`: prompt lookup over the context (`ngram.NgramIndex`); q is one-hot, the
+  proposal costs no model call.
+"""
+
+from __future__ import annotations
+
+import time
+
+from .draft_length import CATCH_UP_WINDOW, AdaptiveDraftLength
+from .ngram import NgramIndex, OneHotProposal
+
+
+class Proposer:
+    """Drafts tokens for the pending positions (see the module docstring)."""
+
+    name = ""
+    draws_from_model = False  # whether q is a model's distribution (CoSpec's features read it)
+
+    def propose(self, generation, n: int) -> int:
+        """Append up to n proposed tokens to `generation`'s pending tokens; return how many."""
+        raise NotImplementedError
+
+    def proposal_probs(self, bundle, j: int):
+        """q_j for the token this proposer proposed at position j of `bundle`."""
+        raise NotImplementedError
+
+
+class ModelProposer(Proposer):
+    """A model slot drafting autoregressively, one llama.cpp call per token.
+
+    `stops_when_unsure`: stop drafting when the draft's top probability falls below
+    `config.draft_p_min` (spec, cospec). `windowed`: after a long stretch without drafting, restart
+    the draft's cache on the last `CATCH_UP_WINDOW` tokens instead of catching up on everything
+    (spec only: its tokens are only proposals the target checks exactly; in cospec they may be
+    kept, so the draft must read the whole context). `length_policy` learns the draft's step time.
+    """
+
+    draws_from_model = True
+
+    def __init__(self, index: int, slot, stops_when_unsure: bool = False, windowed: bool = False,
+                 length_policy: AdaptiveDraftLength | None = None):
+        self.index = index
+        self.slot = slot
+        self.name = slot.name
+        self.stops_when_unsure = stops_when_unsure
+        self.windowed = windowed
+        self.length_policy = length_policy
+
+    def propose(self, generation, n: int) -> int:
+        slot, pending = self.slot, generation.pending
+        t0 = time.perf_counter()
+        calls0 = slot.calls
+        if self.windowed and not pending and len(generation.context) - slot.synced > CATCH_UP_WINDOW:
+            slot.rebase(generation.context, CATCH_UP_WINDOW)
+        n = min(n, generation.limit - len(pending))
+        n_before = len(pending)
+        params = generation.config.sampling
+        for step in range(n):
+            position = len(pending)
+            if len(slot.rows) <= position:
+                slot.score(generation.context, pending)
+            # Stop when the draft's confidence drops (moot for the last token).
+            p_min = generation.config.draft_p_min if self.stops_when_unsure and step < n - 1 else 0.0
+            token, top_prob = slot.draw(position, params, generation.rng, p_min)
+            generation.add_pending(token, self)
+            if top_prob < p_min:
+                break
+        if self.length_policy is not None and slot.calls > calls0:
+            self.length_policy.observe_draft_step((time.perf_counter() - t0) / (slot.calls - calls0))
+        return len(pending) - n_before
+
+    def proposal_probs(self, bundle, j: int):
+        return bundle.probs(self.index, j)
+
+
+class NgramProposer(Proposer):
+    """Prompt lookup: the tokens that followed the context's latest suffix earlier in it."""
+
+    name = "ngram"
+
+    def __init__(self, index: NgramIndex):
+        self.index = index
+
+    def propose(self, generation, n: int) -> int:
+        found = self.index.propose(generation.context, n)
+        for token in found:
+            generation.add_pending(token, self)
+        return len(found)
+
+    def proposal_probs(self, bundle, j: int):
+        return OneHotProposal(bundle.tokens[j])
