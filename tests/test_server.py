@@ -77,6 +77,33 @@ def test_chat_completions_equal_generate_on_the_rendered_conversation(server, mo
     assert "User:" not in full.choices[0].message.content
 
 
+def test_draft_source_and_draft_p_min_per_request(server):
+    """Every GenerationConfig field can be set per request: spec with n-gram proposals (no draft
+    model) and another draft_p_min gives target-only's text at temperature 0."""
+    prompt = PROMPTS[0]
+    status, target = server.post("/v1/completions", {"prompt": prompt, "max_tokens": 32, "temperature": 0, "mode": "target"})
+    assert status == 200, target
+    for source in ("ngram", "ngram+model"):
+        status, got = server.post("/v1/completions", {"prompt": prompt, "max_tokens": 32, "temperature": 0, "mode": "spec",
+                                                      "draft_source": source, "draft_p_min": 0.6})
+        assert status == 200, got
+        assert got["choices"][0]["text"] == target["choices"][0]["text"]
+        assert got["cospec"]["mode"] == "spec"
+
+
+def test_every_config_field_but_the_policy_file_is_a_request_field():
+    """The request types are derived from GenerationConfig: nothing to keep in step by hand. The
+    policy is a file the server loads: a client may not name one."""
+    from dataclasses import fields
+
+    from cospec_local.config import GenerationConfig
+    from cospec_local.server.types import ChatRequest, CompletionRequest
+
+    names = {f.name for f in fields(GenerationConfig)} - {"policy"}
+    for request in (CompletionRequest, ChatRequest):
+        assert names <= set(request.model_fields) and "policy" not in request.model_fields
+
+
 def test_models_health_and_metrics(server):
     c = client(server)
     assert [m.id for m in c.models.list().data] == ["target"]
@@ -172,6 +199,9 @@ TOO_LONG = "add 12 34 " * 200  # > 512 tokens
         ("/v1/chat/completions", chat_body(mode="cos", weights=[1.0]), AUTH, 400, "weights", None, "weights"),
         ("/v1/chat/completions", chat_body(mode="cos", mu=float("nan")), AUTH, 400, "mu", None, "finite number"),
         ("/v1/chat/completions", chat_body(stop=3), AUTH, 400, "stop", None, "valid string"),
+        ("/v1/completions", {"prompt": "add 1 2", "draft_source": "psychic"}, AUTH, 400, "draft_source", None,
+         "draft_source must be one of"),
+        ("/v1/chat/completions", chat_body(draft_p_min="high"), AUTH, 400, "draft_p_min", None, "valid number"),
         ("/v1/nowhere", {}, AUTH, 404, None, None, "Not Found"),
     ],
 )
@@ -294,7 +324,7 @@ def test_a_late_cancel_of_a_finished_job_does_not_stop_the_next_one_on_its_worke
 
     from cospec_local.config import GenerationConfig
     from cospec_local.engine import DoneEvent
-    from cospec_local.server import _END, Job, Metrics, Worker, WorkerPool
+    from cospec_local.server.pool import _END, Job, Metrics, Worker, WorkerPool
 
     engine, _ = make_engine((11, 22))
     config = GenerationConfig(mode="spec", temperature=0, max_tokens=40, adaptive=False)

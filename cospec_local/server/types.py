@@ -1,0 +1,187 @@
+"""Request bodies, and their translation into what the engine takes.
+
+The decoding fields of a request are DERIVED from `GenerationConfig`: every config field (but the
+server-only ones below) is an optional request field of the same name, so a field added to the
+config can be set per request at once, and none can drift. OpenAI's own names are config names
+(max_tokens, temperature, top_p, seed, stop); the rest are cospec-local's extensions."""
+
+from __future__ import annotations
+
+import re
+import typing
+from dataclasses import fields
+from types import NoneType, UnionType
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from ..config import GenerationConfig
+from .errors import ApiError
+
+# Config fields a request may NOT set: `policy` is a path of an ONNX file the server would load; a
+# client must not make the server open files (the policy is the server's --policy).
+SERVER_ONLY = frozenset({"policy"})
+
+# The request fields that set config fields, in the config's order, and the config's types.
+CONFIG_REQUEST_FIELDS = tuple(f.name for f in fields(GenerationConfig) if f.name not in SERVER_ONLY)
+_HINTS = typing.get_type_hints(GenerationConfig)
+
+# Bounds pydantic checks before the config does (the config checks these too): a bad value gets
+# pydantic's message, which names the bound, as OpenAI's API answers.
+_BOUNDS = {
+    "max_tokens": dict(ge=1), "temperature": dict(ge=0), "top_p": dict(gt=0, le=1),
+    "top_k": dict(ge=0), "min_p": dict(ge=0, le=1), "draft_max": dict(ge=1),
+}
+
+
+def _without_none(hint):
+    """`hint` less its None member (the config's None means "the default" as leaving it out does)."""
+    if typing.get_origin(hint) in (typing.Union, UnionType):
+        return typing.Union[tuple(a for a in typing.get_args(hint) if a is not NoneType)]
+    return hint
+
+
+def _request_type(hint):
+    """The JSON type that sets a config field of type `hint` (a request may always leave it out):
+    tuples come as JSON lists, and a tuple of strings (stop) also as one string, as OpenAI's
+    `stop` does."""
+    hint = _without_none(hint)
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        return str | list[str] if item is str else list[item]
+    return hint
+
+
+def _config_field_definitions() -> dict:
+    """pydantic field definitions, `name=(type | None, Field(None, ...))`, for every config field a
+    request may set, documented with the config's help text."""
+    out = {}
+    for f in fields(GenerationConfig):
+        if f.name not in SERVER_ONLY:
+            out[f.name] = (_request_type(_HINTS[f.name]) | None,
+                           Field(None, description=f.metadata["help"], **_BOUNDS.get(f.name, {})))
+    return out
+
+
+class _OpenAIFields(BaseModel):
+    """OpenAI's fields that are not decoding settings. Strict types (a string where a number
+    belongs is a 400, not a silent conversion); unknown fields are ignored, as clients send many
+    optional ones."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+    model: str | None = None
+    n: int | None = None  # null or 1
+    stream: bool | None = None
+    stream_options: dict | None = None
+
+
+GenerationFields = create_model(
+    "GenerationFields", __base__=_OpenAIFields, __module__=__name__, **_config_field_definitions())
+GenerationFields.__doc__ = "Fields shared by both endpoints: OpenAI's, then one per GenerationConfig field."
+
+
+class CompletionRequest(GenerationFields):
+    """POST /v1/completions: one prompt, as text or token ids."""
+
+    prompt: str | list[str] | list[int]
+
+
+class ChatMessage(BaseModel):
+    """One message of a chat request."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict] | None = None
+
+
+class ChatRequest(GenerationFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+
+
+# -- request -> GenerationConfig ------------------------------------------------------------------
+def _config_value(name: str, value):
+    """A request field's value as the config takes it (None: not set)."""
+    if value is None:
+        return None
+    if name == "seed" and value < 0:
+        return None  # llama.cpp's (and some clients') -1: fresh entropy, the config's None
+    if isinstance(value, str) and typing.get_origin(_without_none(_HINTS[name])) is tuple:
+        value = [value]  # one stop string
+    if isinstance(value, list):
+        return tuple(v for v in value if v != "")  # an empty stop string would end every reply at once
+    return value
+
+
+def build_config(body: GenerationFields, defaults: GenerationConfig) -> GenerationConfig:
+    """The request's GenerationConfig: server defaults, then the fields the request sets."""
+    if body.n not in (None, 1):
+        raise ApiError(400, f"n={body.n} is not supported: this server returns one choice per request (n=1)", "n")
+    changes = {name: _config_value(name, getattr(body, name)) for name in CONFIG_REQUEST_FIELDS}
+    newer_max = getattr(body, "max_completion_tokens", None)  # chat's newer name wins
+    if newer_max is not None:
+        changes["max_tokens"] = newer_max
+    try:
+        return defaults.with_(**changes)  # the config checks every value (None: keep the default)
+    except ValueError as e:
+        raise ApiError(400, str(e), param_named_in(str(e))) from None
+
+
+_PARAM_PATTERNS = [(name, re.compile(rf"(?<![\w-])(?:{name}|--{name.replace('_', '-')})(?![\w-])"))
+                   for name in CONFIG_REQUEST_FIELDS]
+
+
+def param_named_in(message: str) -> str | None:
+    """The request field a config or mode error is about: the field it names first, as `name` or
+    as the CLI's `--name` ("--weights has 1 values for 2 models" -> weights)."""
+    found = [(m.start(), name) for name, pattern in _PARAM_PATTERNS if (m := pattern.search(message))]
+    return min(found)[1] if found else None
+
+
+# -- request -> prompt --------------------------------------------------------------------------------
+def completion_tokens(body: CompletionRequest, pair) -> list[int]:
+    """The prompt's tokens: its text tokenized, or its token ids (checked against the vocabulary)."""
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if len(prompt) != 1:
+            raise ApiError(400, "a list of several prompts is not supported: send one prompt per request", "prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ApiError(400, "the prompt is empty", "prompt")
+        return pair.tokenize(prompt)
+    n_vocab = pair.engine.n_vocab
+    bad = [t for t in prompt if not 0 <= t < n_vocab]
+    if bad:
+        raise ApiError(400, f"prompt token {bad[0]} is outside the vocabulary (0..{n_vocab - 1})", "prompt")
+    return list(prompt)
+
+
+def _message_text(message: ChatMessage) -> str:
+    """A message's text: a string, or the text parts of a content list (images are refused)."""
+    if message.content is None:
+        return ""
+    if isinstance(message.content, str):
+        return message.content
+    parts = []
+    for part in message.content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ApiError(400, f"only text content parts are supported, not {part.get('type')!r}", "messages")
+        parts.append(part["text"])
+    return "".join(parts)
+
+
+def chat_messages(body: ChatRequest) -> list[dict]:
+    """The conversation as the chat template takes it: {"role", "content"} dicts ("developer" is
+    OpenAI's newer name of "system"); refuses one without a user message."""
+    if not body.messages:
+        raise ApiError(400, "messages must not be empty", "messages")
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)}
+                for m in body.messages]
+    if not any(m["role"] == "user" and m["content"].strip() for m in messages):
+        raise ApiError(400, "messages need at least one non-empty user message", "messages")
+    return messages
