@@ -75,6 +75,15 @@ class AdaptiveDraftLength:
 
         return min(range(1, k_max + 1), key=time_per_token)
 
+    def expected_tokens_per_second(self, k: int) -> float:
+        """Modelled emitted tokens per second of a cycle proposing k tokens: (1 - alpha^(k+1)) /
+        (1 - alpha) tokens for k draft steps (free for a proposer that never measured one, such as
+        the n-gram lookup) and a (k + 1)-row verification."""
+        alpha = min(self.alpha, 0.999)
+        tokens = (1 - alpha ** (k + 1)) / (1 - alpha)
+        seconds = k * (self.t_draft or 0.0) + self.verify_time(k + 1)
+        return tokens / max(seconds, 1e-9)
+
     @property
     def drafting_loses(self) -> bool:
         """True once measurements say plain target steps are faster."""

@@ -142,6 +142,33 @@ def make_draft(
         sliced["tokenizer.ggml.merges"] = [
             m for m in merges if (lambda a, b: a in kept_text and b in kept_text and a + b in kept_text)(*m.split(" ", 1))
         ]
+    _copy_metadata(writer, reader, arch, sliced, new_id, n_layers - len(drop), len(keep))
+    writer.add_array(DRAFT_TO_TARGET_KEY, keep.astype(np.int32).tolist())
+    writer.add_uint32(SOURCE_VOCAB_KEY, n_vocab)
+    writer.add_string("cospec.source_file", source.name)
+
+    tensors = _kept_tensors(reader, drop, layer_map, keep, n_vocab)
+    _write_tensors(writer, tensors, reader.endianess, progress)
+    os.replace(tmp, output)  # never leave a half-written draft under the final name
+    return DraftReport(
+        path=output,
+        source_vocab=n_vocab,
+        draft_vocab=len(keep),
+        n_frequent=len(keep) - n_special,
+        n_special=n_special,
+        corpus_tokens=total,
+        corpus_coverage=coverage,
+        n_layers_source=n_layers,
+        n_layers_draft=n_layers - len(drop),
+        size_bytes=output.stat().st_size,
+    )
+
+
+def _copy_metadata(writer, reader, arch: str, sliced: dict, new_id: np.ndarray, n_layers: int, n_vocab: int) -> None:
+    """Copy the source's key-values, with the sliced tokenizer arrays, special token ids renumbered
+    (a dropped placeholder is left unset), and the new layer count and vocabulary size."""
+    import gguf
+
     for field in reader.fields.values():
         name = field.name
         if name == "general.architecture" or name.startswith("GGUF."):
@@ -156,14 +183,36 @@ def make_draft(
                 continue  # the special token was dropped (a placeholder): leave it unset
             value = int(new_id[int(value)])
         elif name == f"{arch}.block_count":
-            value = n_layers - len(drop)
+            value = n_layers
         elif name == f"{arch}.vocab_size":
-            value = len(keep)
+            value = n_vocab
         writer.add_key_value(name, value, val_type, sub_type=sub_type)
-    writer.add_array(DRAFT_TO_TARGET_KEY, keep.astype(np.int32).tolist())
-    writer.add_uint32(SOURCE_VOCAB_KEY, n_vocab)
-    writer.add_string("cospec.source_file", source.name)
 
+
+def _write_tensors(writer, tensors: list, endianess, progress: bool) -> None:
+    """Write the header, key-values and tensors [(name, data, type)], with a progress bar."""
+    for name, data, ttype in tensors:
+        writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, ttype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(d.nbytes for _, d, _ in tensors), unit="B", unit_scale=True, desc="writing draft")
+    for _, data, _ in tensors:
+        writer.write_tensor_data(np.ascontiguousarray(data), tensor_endianess=endianess)
+        if bar:
+            bar.update(data.nbytes)
+    writer.close()
+    if bar:
+        bar.close()
+
+
+def _kept_tensors(reader, drop: list[int], layer_map: dict[int, int], keep: np.ndarray, n_vocab: int) -> list:
+    """The draft's tensors [(name, data, type)]: dropped layers left out, the others renumbered,
+    vocabulary-sized tensors cut to the kept rows."""
     tensors = []
     for t in reader.tensors:
         name = t.name
@@ -176,33 +225,4 @@ def make_draft(
         elif name in ROW_SLICED_TENSORS and data.shape[0] == n_vocab:
             data = data[keep]
         tensors.append((name, data, t.tensor_type))
-    for name, data, ttype in tensors:
-        writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, ttype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=sum(d.nbytes for _, d, _ in tensors), unit="B", unit_scale=True, desc="writing draft")
-    for _, data, _ in tensors:
-        writer.write_tensor_data(np.ascontiguousarray(data), tensor_endianess=reader.endianess)
-        if bar:
-            bar.update(data.nbytes)
-    writer.close()
-    if bar:
-        bar.close()
-    os.replace(tmp, output)  # never leave a half-written draft under the final name
-    return DraftReport(
-        path=output,
-        source_vocab=n_vocab,
-        draft_vocab=len(keep),
-        n_frequent=len(keep) - n_special,
-        n_special=n_special,
-        corpus_tokens=total,
-        corpus_coverage=coverage,
-        n_layers_source=n_layers,
-        n_layers_draft=n_layers - len(drop),
-        size_bytes=output.stat().st_size,
-    )
+    return tensors

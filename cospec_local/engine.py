@@ -47,7 +47,7 @@ from .config import GenerationConfig
 from .draft_length import AdaptiveDraftLength
 from .errors import ContextOverflowError, EngineBusyError
 from .modes import Mode, mode_class
-from .ngram import NgramIndex
+from .ngram import NgramIndex, SharedNgramPool
 from .proposers import Proposer
 from .slots import ModelSlot
 from .stats import GenerationStats
@@ -98,6 +98,8 @@ class Conversation:
         # and with a longer memory (one rejected run of free proposals is no reason to stop).
         self.ngram_length = AdaptiveDraftLength(probe_growth=2, cycle_decay=0.95, full_length=True)
         self.ngram_index = NgramIndex()  # follows the context
+        # Earlier generations' tokens shared with other conversations (a server option; None: off).
+        self.ngram_pool: SharedNgramPool | None = None
         self.rng = np.random.default_rng()
         self.last_stats: GenerationStats | None = None
         # Set from any thread to stop the running generation at the next prefill piece or round
@@ -326,6 +328,8 @@ class Engine:
             stats.t_llama = sum(slot.model.decode_seconds for slot in self.slots) - llama0
             stats.finish_reason = finish
             conv.last_stats = stats
+            if conv.ngram_pool is not None:
+                conv.ngram_pool.add(gen.context)
         finally:
             self._active = None  # never leave the engine busy, whatever failed above
 

@@ -154,7 +154,7 @@ class Spec(Mode):
         self.policy = conversation.draft_length if config.adaptive else None  # the model draft's
         self.ngram = self.ngram_policy = self.model = None
         if config.draft_source != "model":
-            self.ngram = NgramProposer(conversation.ngram_index)
+            self.ngram = NgramProposer(conversation.ngram_index, conversation.ngram_pool)
             self.ngram_policy = conversation.ngram_length if self.policy is not None else None
         if config.draft_source != "ngram":
             draft = _draft_index(engine, "mode 'spec' needs a draft model (or --draft-source ngram)")
@@ -178,20 +178,28 @@ class Spec(Mode):
         self.score(gen)
 
     def _draft(self, gen) -> bool:
-        """Propose from the n-gram lookup when it has a match, else from the draft model."""
+        """The proposer chain: each proposer offers a proposal (the n-gram lookup: its match; the
+        draft model: the length its policy chooses, 0 when target steps win) and the one with the
+        most expected emitted tokens per second of its cycle drafts (with fixed lengths,
+        --no-adaptive: the n-gram lookup when it has a match). None: a plain target step."""
         cap = min(self.config.draft_max, gen.limit)
+        found: list[int] = []
         if self.ngram is not None:
-            n = cap if self.ngram_policy is None else self.ngram_policy.choose(cap)
-            found = self.ngram.propose(gen, n)
-            if found:
-                self._k, self._cycle_policy = found, self.ngram_policy
-                return True
-        if self.model is None:
-            return False
-        n = cap if self.policy is None else self.policy.choose(cap)
+            found = self.ngram.lookup(gen, cap if self.ngram_policy is None else self.ngram_policy.choose(cap))
+        k = 0
+        if self.model is not None and (not found or self.policy is not None):
+            k = cap if self.policy is None else self.policy.choose(cap)
+        if found and (not k or self.policy is None
+                      or self.ngram_policy.expected_tokens_per_second(len(found))
+                      >= self.policy.expected_tokens_per_second(k)):
+            self._k, self._cycle_policy = self.ngram.propose(gen, len(found), found), self.ngram_policy
+            return True
         if self.policy is not None:
-            self._k = n
-        return n > 0 and self.model.propose(gen, n) >= 0
+            self._k = k
+        if not k:
+            return False
+        self.model.propose(gen, k)
+        return True
 
     def observe_score(self, n_rows, seconds):
         # The target's call-time line: both policies verify with the same target.

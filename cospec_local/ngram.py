@@ -10,10 +10,13 @@ removed (`OneHotProposal`), so sampled output still follows the target exactly.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 DEFAULT_NGRAM_MAX = 4  # longest suffix looked up
 DEFAULT_NGRAM_MIN = 2  # shortest: a single repeated token predicts too little to pay a verify row
+BOUNDARY = -1  # separates generations in a SharedNgramPool: no n-gram spans two of them
 
 
 class NgramIndex:
@@ -56,12 +59,51 @@ class NgramIndex:
         if k < 1:
             return []
         self.sync(tokens)
+        return self.continuation(tokens, k)
+
+    def continuation(self, tokens: list[int], k: int) -> list[int]:
+        """Up to k indexed tokens that followed the longest suffix of `tokens` (any sequence) found
+        in the index, stopping at a document boundary; [] when none of n_min+ tokens is found."""
         known = self._tokens
-        for n in range(min(self.n_max, len(known)), self.n_min - 1, -1):
-            start = self._next.get(tuple(known[-n:]))
+        for n in range(min(self.n_max, len(tokens)), self.n_min - 1, -1):
+            start = self._next.get(tuple(tokens[-n:]))
             if start is not None:
-                return known[start : start + k]
+                found = known[start : start + k]
+                return found[: found.index(BOUNDARY)] if BOUNDARY in found else found
         return []
+
+
+class SharedNgramPool:
+    """The token history of finished generations, shared by a server's workers (opt-in,
+    `serve --shared-ngrams`): where a request's own context has no match, its n-gram proposals
+    may continue from text that earlier requests held (the same system prompt, a repeated
+    document). Proposals are only proposals: the target verifies each one, so no request's text
+    reaches another's output. Its timing is another matter: a request runs faster when another
+    one held the same text, a side channel, which is why the pool is off by default.
+
+    Thread-safe (workers decode on their own threads); holds at most `max_tokens` tokens (when
+    full it starts over with the newest generation)."""
+
+    def __init__(self, max_tokens: int = 1 << 20, n_max: int = DEFAULT_NGRAM_MAX, n_min: int = DEFAULT_NGRAM_MIN):
+        self.max_tokens = max_tokens
+        self._index = NgramIndex(n_max, n_min)
+        self._tokens: list[int] = []
+        self._lock = threading.Lock()
+
+    def add(self, tokens: list[int]) -> None:
+        """Remember a finished generation's tokens (prompt and reply)."""
+        with self._lock:
+            if len(self._tokens) + len(tokens) >= self.max_tokens:
+                self._tokens = []
+            self._tokens.extend(list(tokens[-self.max_tokens + 1 :]) + [BOUNDARY])
+            self._index.sync(self._tokens)
+
+    def propose(self, tokens: list[int], k: int) -> list[int]:
+        """Up to k tokens that followed the longest suffix of `tokens` in an earlier generation."""
+        if k < 1:
+            return []
+        with self._lock:
+            return self._index.continuation(tokens, k)
 
 
 class OneHotProposal:

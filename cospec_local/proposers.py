@@ -8,8 +8,8 @@ verifier needs for rejection sampling. `name` is the provenance shown on emitted
 
 - `ModelProposer`: a model slot drafts one call per token (its first row may already be queued:
   in CoS a member's bonus row); q is its processed row.
-- `NgramProposer`: prompt lookup over the context (`ngram.NgramIndex`); q is one-hot, the
-  proposal costs no model call.
+- `NgramProposer`: prompt lookup over the context (`ngram.NgramIndex`), and optionally over
+  earlier generations (`ngram.SharedNgramPool`); q is one-hot, the proposal costs no model call.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 
 from .draft_length import CATCH_UP_WINDOW, AdaptiveDraftLength
-from .ngram import NgramIndex, OneHotProposal
+from .ngram import NgramIndex, OneHotProposal, SharedNgramPool
 
 
 class Proposer:
@@ -88,11 +88,20 @@ class NgramProposer(Proposer):
 
     name = "ngram"
 
-    def __init__(self, index: NgramIndex):
+    def __init__(self, index: NgramIndex, pool: SharedNgramPool | None = None):
         self.index = index
+        self.pool = pool
 
-    def propose(self, generation, n: int) -> int:
+    def lookup(self, generation, n: int) -> list[int]:
+        """Up to n tokens the lookup would propose (nothing is appended): from the context, else
+        from the shared pool of earlier generations (a server option)."""
         found = self.index.propose(generation.context, n)
+        if not found and self.pool is not None:
+            found = self.pool.propose(generation.context, n)
+        return found
+
+    def propose(self, generation, n: int, found: list[int] | None = None) -> int:
+        found = self.lookup(generation, n) if found is None else found[:n]
         for token in found:
             generation.add_pending(token, self)
         return len(found)

@@ -8,9 +8,10 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from cospec_local import load_pair
+from cospec_local.api import collect
 from cospec_local.lab.bench import GROUNDED_PROMPTS
 from cospec_local.config import GenerationConfig
-from cospec_local.ngram import NgramIndex, OneHotProposal
+from cospec_local.ngram import NgramIndex, OneHotProposal, SharedNgramPool
 from cospec_local.sampling import SamplingParams, logits_to_probs
 from cospec_local.lab.testworld.tasks import problems
 from cospec_local.verify import ACCEPTED, CORRECTION
@@ -46,6 +47,20 @@ def test_the_suffix_never_matches_itself_and_the_index_follows_growth_and_replac
     assert index.propose(tokens, 3) == [6, 4, 5]  # grows: only the new tokens are indexed
     assert index.propose([9, 8, 9, 8], 2) == [9, 8]  # another sequence: indexed afresh
     assert index.propose([4, 5, 6, 1, 2], 2) == []
+
+
+def test_the_shared_pool_continues_from_earlier_generations_but_never_across_two():
+    pool = SharedNgramPool(n_max=3, n_min=2)
+    assert pool.propose([1, 2], 3) == []
+    pool.add([1, 2, 3, 4, 5])
+    pool.add([7, 8, 9])
+    assert pool.propose([0, 1, 2], 3) == [3, 4, 5]
+    assert pool.propose([6, 4, 5], 3) == []  # (4, 5) ended its generation: nothing of the next one follows
+    assert pool.propose([7, 8], 5) == [9]
+    small = SharedNgramPool(max_tokens=8, n_max=2, n_min=2)
+    small.add([1, 2, 3, 4, 5])
+    small.add([6, 7, 8, 9])  # over the limit: starts over with the newest
+    assert small.propose([1, 2], 2) == [] and small.propose([6, 7], 2) == [8, 9]
 
 
 def test_one_hot_proposal_residual_removes_the_token():
@@ -111,6 +126,36 @@ def test_greedy_ngram_equals_target_only_on_the_test_world(family_pair, source):
         assert out.tokens == ref.tokens
         drafted += out.stats.n_drafted
     assert drafted > 0
+
+
+def test_a_shared_pool_speeds_a_repeated_request_and_leaks_nothing_into_another(family_pair):
+    """Conversations sharing a pool (the server's --shared-ngrams): a request repeated in another
+    conversation is proposed from the first one's reply (fewer target calls per token), and every
+    output stays token for token target-only's, also for a request the pool knows nothing of."""
+    pool = SharedNgramPool()
+    first, second, other = (family_pair.engine.new_conversation() for _ in range(3))
+    for conversation in (first, second, other):
+        conversation.ngram_pool = pool
+    config = GenerationConfig(mode="spec", draft_source="ngram", temperature=0, max_tokens=80, adaptive=False)
+    prompt, unrelated = problems("add", "eval", 5)[4].prompt, problems("count", "eval", 5)[4].prompt
+    outputs = {}
+    for name, conversation, text in (("first", first, prompt), ("second", second, prompt), ("other", other, unrelated)):
+        family_pair.engine.reset()
+        outputs[name] = collect(family_pair.engine.stream(family_pair.tokenize(text), config, conversation=conversation))
+    assert outputs["first"].tokens == outputs["second"].tokens == family_pair.generate(prompt, temperature=0, mode="target", max_tokens=80).tokens
+    assert outputs["other"].tokens == family_pair.generate(unrelated, temperature=0, mode="target", max_tokens=80).tokens
+    calls = {name: out.stats.model_calls["target"] / out.stats.n_generated for name, out in outputs.items()}
+    assert calls["second"] < 0.5 * calls["first"], calls
+
+
+def test_the_chain_drafts_with_both_proposers_and_stays_lossless(family_pair):
+    """ngram+model with adaptive lengths: the chain picks per cycle; on a grounded prompt both the
+    lookup and the draft model get cycles, and greedy output is target-only's."""
+    prompt = GROUNDED_PROMPTS[0]
+    ref = family_pair.generate(prompt, temperature=0, mode="target", max_tokens=120)
+    events = list(family_pair.stream(prompt, temperature=0, mode="spec", draft_source="ngram+model", max_tokens=120))
+    assert [e.token for e in events[:-1] if e.token >= 0] == ref.tokens
+    assert {e.slot for e in events[:-1] if e.source == ACCEPTED} == {"ngram", "draft"}
 
 
 @pytest.mark.slow

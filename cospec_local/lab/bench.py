@@ -169,70 +169,82 @@ def run_bench(
         pair.conversation = default_conversation
         bar.close()
 
-    def tok_s(t):
-        return t["tokens"] / t["t_decode"]
-
-    def calls_per_token(t):
-        return t["calls"] / t["tokens"] if t["tokens"] else 0.0
-
     report = {"costs": costs, "prompts": len(prompts), "max_tokens": max_tokens, "repeats": repeats,
               "baseline": baseline, "temperature": base.temperature, "modes": {}}
     base_runs = runs[baseline]
-    def outside_us(t):
-        return 1e6 * t["t_outside_llama"] / t["tokens"] if t["tokens"] else 0.0
-
+    report["baseline_outputs"] = [t["outputs"] for t in base_runs]
     report["modes"][baseline] = {
-        "outside_llama_us_per_token": statistics.median(outside_us(t) for t in base_runs),
-        "tok_s_median": statistics.median(tok_s(t) for t in base_runs),
-        "tok_s": [tok_s(t) for t in base_runs],
-        "calls_per_token": statistics.median(calls_per_token(t) for t in base_runs),
+        "outside_llama_us_per_token": statistics.median(_outside_us(t) for t in base_runs),
+        "tok_s_median": statistics.median(_tok_s(t) for t in base_runs),
+        "tok_s": [_tok_s(t) for t in base_runs],
+        "calls_per_token": statistics.median(_calls_per_token(t) for t in base_runs),
     }
-    c = costs.get("c", 0.0)
     for name, cfg in configs.items():
-        if name == baseline:
-            continue
-        speeds = [tok_s(t) for t in runs[name]]
-        ratios = [tok_s(s) / tok_s(t) for s, t in zip(runs[name], base_runs)]
-        accepted = [n for t in runs[name] for n in t["accepted"]]
-        drafted = [n for t in runs[name] for n in t["drafted"]]
-        cycles = len(drafted)
-        # alpha: maximum-likelihood per-token acceptance; each cycle gives its accepted tokens as
-        # successes and one failure if it stopped at a rejection.
-        rejections = sum(1 for a, d in zip(accepted, drafted) if a < d)
-        alpha = sum(accepted) / (sum(accepted) + rejections) if cycles else 0.0
-        gamma = sum(drafted) / cycles if cycles else 0.0
-        t_decode = sum(t["t_decode"] for t in runs[name])
-        same = all(a["outputs"] == b["outputs"] for a, b in zip(runs[name], base_runs))
-        cpt = statistics.median(calls_per_token(t) for t in runs[name])
-        m = report["modes"][name] = {
-            "tok_s_median": statistics.median(speeds),
-            "tok_s": speeds,
-            "speedup_median": statistics.median(ratios),
-            "speedups": ratios,
-            "calls_per_token": cpt,
-            "calls_speedup": report["modes"][baseline]["calls_per_token"] / cpt if cpt else 0.0,
-            "acceptance_rate": sum(accepted) / sum(drafted) if cycles else 0.0,
-            "alpha": alpha,
-            "mean_draft_length": gamma,
-            "mean_accepted_length": float(np.mean(accepted)) if accepted else 0.0,
-            "target_steps": sum(t["target_steps"] for t in runs[name]),
-            "cycles": cycles,
-            "python_overhead_share": sum(t["t_overhead"] for t in runs[name]) / t_decode if t_decode else 0.0,
-            "outside_llama_us_per_token": statistics.median(outside_us(t) for t in runs[name]),
-            "accepted_length_histogram": np.bincount(accepted).tolist() if accepted else [],
-            f"greedy_output_identical_to_{baseline}": same if base.temperature == 0 else None,
-        }
-        predicted = None
-        if cycles:
-            prediction = pair.engine.mode_for(cfg).predict(
-                baseline, alpha, gamma, c, lambda n_rows: verify_ratio(costs, n_rows))
-            if prediction is not None:
-                predicted = prediction.pop("predicted_speedup")
-                m.update(prediction)
-                m["achieved_over_predicted_with_verify_cost"] = m["speedup_median"] / m["predicted_speedup_with_verify_cost"]
-        m["predicted_speedup"] = predicted
-        m["achieved_over_predicted"] = m["speedup_median"] / predicted if predicted else None
+        if name != baseline:
+            report["modes"][name] = _mode_report(pair, cfg, runs[name], report, costs)
+    del report["baseline_outputs"]  # only for the comparison above
     return report
+
+
+def _tok_s(t: dict) -> float:
+    return t["tokens"] / t["t_decode"]
+
+
+def _calls_per_token(t: dict) -> float:
+    return t["calls"] / t["tokens"] if t["tokens"] else 0.0
+
+
+def _outside_us(t: dict) -> float:
+    return 1e6 * t["t_outside_llama"] / t["tokens"] if t["tokens"] else 0.0
+
+
+def _mode_report(pair, cfg: GenerationConfig, mode_runs: list[dict], report: dict, costs: dict) -> dict:
+    """One mode's figures against the baseline's runs (same repetitions), with the mode's own
+    prediction from the measured acceptance and costs."""
+    baseline = report["baseline"]
+    base_runs = [t for t in report["modes"][baseline]["tok_s"]]
+    speeds = [_tok_s(t) for t in mode_runs]
+    ratios = [s / b for s, b in zip(speeds, base_runs)]
+    accepted = [n for t in mode_runs for n in t["accepted"]]
+    drafted = [n for t in mode_runs for n in t["drafted"]]
+    cycles = len(drafted)
+    # alpha: maximum-likelihood per-token acceptance; each cycle gives its accepted tokens as
+    # successes and one failure if it stopped at a rejection.
+    rejections = sum(1 for a, d in zip(accepted, drafted) if a < d)
+    alpha = sum(accepted) / (sum(accepted) + rejections) if cycles else 0.0
+    gamma = sum(drafted) / cycles if cycles else 0.0
+    t_decode = sum(t["t_decode"] for t in mode_runs)
+    cpt = statistics.median(_calls_per_token(t) for t in mode_runs)
+    m = {
+        "tok_s_median": statistics.median(speeds),
+        "tok_s": speeds,
+        "speedup_median": statistics.median(ratios),
+        "speedups": ratios,
+        "calls_per_token": cpt,
+        "calls_speedup": report["modes"][baseline]["calls_per_token"] / cpt if cpt else 0.0,
+        "acceptance_rate": sum(accepted) / sum(drafted) if cycles else 0.0,
+        "alpha": alpha,
+        "mean_draft_length": gamma,
+        "mean_accepted_length": float(np.mean(accepted)) if accepted else 0.0,
+        "target_steps": sum(t["target_steps"] for t in mode_runs),
+        "cycles": cycles,
+        "python_overhead_share": sum(t["t_overhead"] for t in mode_runs) / t_decode if t_decode else 0.0,
+        "outside_llama_us_per_token": statistics.median(_outside_us(t) for t in mode_runs),
+        "accepted_length_histogram": np.bincount(accepted).tolist() if accepted else [],
+        f"greedy_output_identical_to_{baseline}": (all(t["outputs"] == b for t, b in zip(mode_runs, report["baseline_outputs"]))
+                                                   if report["temperature"] == 0 else None),
+    }
+    predicted = None
+    if cycles:
+        prediction = pair.engine.mode_for(cfg).predict(baseline, alpha, gamma, costs.get("c", 0.0),
+                                                       lambda n_rows: verify_ratio(costs, n_rows))
+        if prediction is not None:
+            predicted = prediction.pop("predicted_speedup")
+            m.update(prediction)
+            m["achieved_over_predicted_with_verify_cost"] = m["speedup_median"] / m["predicted_speedup_with_verify_cost"]
+    m["predicted_speedup"] = predicted
+    m["achieved_over_predicted"] = m["speedup_median"] / predicted if predicted else None
+    return m
 
 
 def plot_report(report: dict, path: str) -> None:

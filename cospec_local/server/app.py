@@ -16,6 +16,7 @@ from ..api import Pair
 from ..chat import ChatTemplate
 from ..config import GenerationConfig
 from ..errors import ContextOverflowError, CospecError
+from ..ngram import SharedNgramPool
 from .errors import ApiError, install_error_handlers
 from .openai_format import ChatReply, CompletionReply, Reply, collect, stream_response, wait_disconnected
 from .pool import Job, Metrics, Worker, WorkerPool
@@ -29,6 +30,8 @@ class ServerSettings:
     model_id: str
     defaults: GenerationConfig
     api_key: str | None = None
+    # Let n-gram proposals continue from earlier requests' text (a timing side channel: off by default).
+    shared_ngrams: bool = False
 
 
 class Server:
@@ -39,6 +42,10 @@ class Server:
         self.settings = settings
         self.metrics = Metrics(len(pairs))
         self.pool = WorkerPool([Worker(i, pair) for i, pair in enumerate(pairs)], self.metrics)
+        if settings.shared_ngrams:
+            ngram_pool = SharedNgramPool()
+            for worker in self.pool.workers:
+                worker.conversation.ngram_pool = ngram_pool
         self.first = pairs[0]  # tokenizes and answers model questions: every pair is a replica of it
         eos_text = self.first.target.token_text(self.first.target.eos_id)
         self.template = ChatTemplate.for_model(self.first.target.chat_template, eos_text=eos_text)
