@@ -30,9 +30,9 @@ def test_the_installed_llama_cpp_uses_no_cpu_feature_this_machine_lacks():
 
 def test_the_feature_check_fails_for_a_build_this_cpu_cannot_run(monkeypatch):
     """The check above can fail: a build with AVX-512 and AMX on a CPU with AVX2 only."""
-    import cospec_local.backend as backend
+    import cospec_local.backend.build as backend_build
 
-    monkeypatch.setattr(backend, "machine_cpu_flags", lambda: frozenset(AVX2_ONLY.split()))
+    monkeypatch.setattr(backend_build, "machine_cpu_flags", lambda: frozenset(AVX2_ONLY.split()))
     fake = BuildInfo("CPU : AVX = 1 | AVX2 = 1 | AVX512 = 1 | AMX_INT8 = 1 |",
                      {"CPU": {"AVX": "1", "AVX2": "1", "AVX512": "1", "AMX_INT8": "1"}})
     assert missing_cpu_features(fake) == ["AMX_INT8", "AVX512"]

@@ -1,0 +1,276 @@
+"""`LlamaModel`: one GGUF model, one llama.cpp context and one sequence (seq 0), evaluated through
+llama-cpp-python's low-level ctypes API."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ContextOverflowError, ModelLoadError, RollbackError
+from ._lib import _init_backend
+from .build import check_build_fits_cpu, default_threads
+from .weights import EXACT_CPU_BATCH, EXACT_PREFILL_N_BATCH, LoadOptions, _Weights, check_gguf_file
+
+
+class LlamaModel:
+    """One GGUF model with its own llama.cpp context holding a single sequence.
+
+    `LlamaModel(path, options)` loads the weights; `model.new_context()` makes another context on
+    the SAME weights (one copy in memory), for parallel conversations.
+    """
+
+    def __init__(self, path: str | os.PathLike, options: LoadOptions = LoadOptions(), *, _weights: "_Weights | None" = None):
+        import llama_cpp
+
+        self._lib = llama_cpp
+        self.path = check_gguf_file(path) if _weights is None else Path(path)
+        self.options = options
+        _init_backend(options.verbose)
+        check_build_fits_cpu()
+        self._ctx = None
+        self._weights = _weights or _Weights(llama_cpp, self.path, options)
+        self._weights.users += 1
+        self._model = self._weights.ptr
+
+        n_threads = options.n_threads or default_threads()
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = options.n_ctx
+        # llama.cpp reserves a compute buffer for its largest batch, including n_batch rows of
+        # logits (514 MiB for Gemma's 262k vocabulary at 512). With exact prefill on the CPU no
+        # batch exceeds a few tokens, so a small n_batch reserves ~8x less per context.
+        exact = options.kernels == "exact" and options.n_gpu_layers == 0
+        n_batch = min(options.n_batch, EXACT_PREFILL_N_BATCH) if exact and options.exact_prefill else options.n_batch
+        ctx_params.n_batch = n_batch
+        ctx_params.n_ubatch = n_batch
+        ctx_params.n_seq_max = 1
+        ctx_params.n_threads = n_threads
+        ctx_params.n_threads_batch = n_threads
+        # A full-size sliding-window cache: with the pruned SWA cache, rolling back a rejected draft
+        # could leave positions the next token must attend to already evicted.
+        ctx_params.swa_full = True
+        if options.kernels == "exact":  # fast: llama.cpp's choice (auto)
+            ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
+        if not self._ctx:
+            self._weights.release()
+            self._model = None
+            raise ModelLoadError(f"llama.cpp could not create a context of {options.n_ctx} tokens for {self.path}")
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self.n_batch = llama_cpp.llama_n_batch(self._ctx)  # llama.cpp caps it at n_ctx
+        self.n_threads = n_threads
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self.n_past = 0  # tokens currently in the KV cache
+        self.decode_seconds = 0.0  # time spent inside llama_decode, cumulative (overhead accounting)
+        # Largest batch whose logits equal single-token logits bit for bit. Measured on the CPU
+        # build (no llamafile, no repacking, no flash attention): batches of up to 7 tokens match
+        # exactly at any context length, 8+ do not. On a GPU, or with fast kernels, nothing is
+        # bit-exact anyway, so batches take their full size.
+        self.exact_batch = EXACT_CPU_BATCH if exact else self.n_batch
+        self._chunk = self.exact_batch if exact and options.exact_prefill else self.n_batch
+
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._batch_token = np.ctypeslib.as_array(self._batch.token, shape=(self.n_batch,))
+        self._batch_pos = np.ctypeslib.as_array(self._batch.pos, shape=(self.n_batch,))
+        self._batch_logits = np.ctypeslib.as_array(
+            ctypes.cast(self._batch.logits, ctypes.POINTER(ctypes.c_int8)), shape=(self.n_batch,)
+        )
+        n_seq_id = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(self.n_batch,))
+        n_seq_id[:] = 1
+        for i in range(self.n_batch):
+            self._batch.seq_id[i][0] = 0
+        self._piece_cache: dict[int, bytes] = {}
+        self.metadata = self._read_metadata()
+
+    def new_context(self, n_threads: int | None = None) -> "LlamaModel":
+        """Another context (own KV cache, own sequence) on these same weights: no second copy of
+        the model in memory. `n_threads` defaults to this context's."""
+        from dataclasses import replace
+
+        options = replace(self.options, n_threads=n_threads or self.n_threads)
+        return LlamaModel(self.path, options, _weights=self._weights)
+
+    # -- lifetime -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free the context and batch, and the weights once no other context uses them (safe to
+        call twice)."""
+        lib = self._lib
+        if getattr(self, "_ctx", None):
+            lib.llama_batch_free(self._batch)
+            lib.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            self._weights.release()
+            self._model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- metadata ---------------------------------------------------------------------------------
+    def _read_metadata(self) -> dict[str, str]:
+        lib = self._lib
+        out: dict[str, str] = {}
+        key_buf = ctypes.create_string_buffer(256)
+        for i in range(lib.llama_model_meta_count(self._model)):
+            n = lib.llama_model_meta_key_by_index(self._model, i, key_buf, len(key_buf))
+            key = key_buf.value.decode("utf-8", "replace") if n >= 0 else ""
+            size = lib.llama_model_meta_val_str_by_index(self._model, i, None, 0)
+            if size < 0:
+                continue
+            val_buf = ctypes.create_string_buffer(size + 1)
+            lib.llama_model_meta_val_str_by_index(self._model, i, val_buf, size + 1)
+            out[key] = val_buf.value.decode("utf-8", "replace")
+        return out
+
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template stored in the GGUF, or None for base models."""
+        return self.metadata.get("tokenizer.chat_template")
+
+    @property
+    def vocab_type(self) -> int:
+        return int(self._lib.llama_vocab_type(self._vocab))
+
+    @property
+    def bos_id(self) -> int:
+        return int(self._lib.llama_vocab_bos(self._vocab))
+
+    @property
+    def eos_id(self) -> int:
+        return int(self._lib.llama_vocab_eos(self._vocab))
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(self._lib.llama_vocab_get_add_bos(self._vocab))
+
+    def eog_ids(self) -> np.ndarray:
+        """All end-of-generation token ids (scans the vocabulary once)."""
+        is_eog = self._lib.llama_vocab_is_eog
+        return np.array([t for t in range(self.n_vocab) if is_eog(self._vocab, t)], dtype=np.int32)
+
+    def token_text(self, token: int) -> str:
+        """The vocabulary entry of `token` as stored in the GGUF (e.g. '▁the', '<0x0A>')."""
+        raw = self._lib.llama_vocab_get_text(self._vocab, token)
+        return raw.decode("utf-8", "replace") if raw else ""
+
+    def n_params(self) -> int:
+        return int(self._lib.llama_model_n_params(self._model))
+
+    def n_layer(self) -> int:
+        return int(self._lib.llama_model_n_layer(self._model))
+
+    # -- text ---------------------------------------------------------------------------------------
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
+        """Token ids of `text`; `add_bos` adds BOS when the model asks for it; `special` parses
+        control-token text such as '<start_of_turn>'."""
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (self._lib.llama_token * n_max)()
+        n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos, special)
+        if n < 0:
+            n_max = -n
+            buf = (self._lib.llama_token * n_max)()
+            n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos, special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes `token` renders to (cached: called once per emitted token)."""
+        piece = self._piece_cache.get(token)
+        if piece is None:
+            buf = ctypes.create_string_buffer(64)
+            n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = self._lib.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            piece = buf.raw[:n]
+            self._piece_cache[token] = piece
+        return piece
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """Text of `tokens` (special tokens are not rendered)."""
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", "replace")
+
+    # -- evaluation -----------------------------------------------------------------------------------
+    def eval(self, tokens: list[int] | np.ndarray, n_logits: int = 1) -> np.ndarray:
+        """Append `tokens` to the KV cache and return logits of the last `n_logits` rows.
+
+        The result has shape (n_logits, n_vocab) and is a VIEW of llama.cpp's output buffer: valid
+        until the next `eval`. Copy the rows you keep. `n_logits=0` returns an empty array.
+        """
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("eval needs at least one token")
+        if not 0 <= n_logits <= min(n, self.n_batch):
+            raise ValueError(f"n_logits={n_logits} must be in [0, min(len(tokens)={n}, n_batch={self.n_batch})]")
+        if self.n_past + n > self.n_ctx:
+            raise ContextOverflowError(
+                f"context overflow: {self.n_past} cached + {n} new tokens > n_ctx={self.n_ctx} "
+                f"({self.path.name}); start a new chat or raise --ctx-size"
+            )
+        lib = self._lib
+        tokens = np.asarray(tokens, dtype=np.int32)
+        # All logit rows must sit in the last decode call, whose size is the chunk size unless it
+        # needs more rows; the chunks before it have the chunk size.
+        last_len = max(min(n, self._chunk), n_logits)
+        starts = list(range(0, n - last_len, self._chunk)) + [n - last_len]
+        for i, start in enumerate(starts):
+            end = starts[i + 1] if i + 1 < len(starts) else n
+            m = end - start
+            self._batch_token[:m] = tokens[start:end]
+            self._batch_pos[:m] = np.arange(self.n_past, self.n_past + m, dtype=np.int32)
+            self._batch_logits[:m] = 0
+            if end == n and n_logits:
+                self._batch_logits[m - n_logits : m] = 1
+            self._batch.n_tokens = m
+            t0 = time.perf_counter()
+            rc = lib.llama_decode(self._ctx, self._batch)
+            self.decode_seconds += time.perf_counter() - t0
+            if rc != 0:
+                self._resync_after_failure()
+                if rc == 1:
+                    raise ContextOverflowError(f"llama.cpp found no KV slot for {m} tokens ({self.path.name})")
+                raise RuntimeError(f"llama_decode failed with code {rc} ({self.path.name})")
+            self.n_past += m
+        if n_logits == 0:
+            return np.empty((0, self.n_vocab), dtype=np.float32)
+        ptr = lib.llama_get_logits_ith(self._ctx, -n_logits)
+        return np.ctypeslib.as_array(ptr, shape=(n_logits, self.n_vocab))
+
+    def _resync_after_failure(self) -> None:
+        # After a fatal decode some ubatches may remain cached: trust llama.cpp's own position.
+        pos_max = self._lib.llama_memory_seq_pos_max(self._mem, 0)
+        self.n_past = int(pos_max) + 1
+
+    def rollback(self, n_keep: int) -> None:
+        """Remove cached positions >= n_keep so the next `eval` continues after token n_keep - 1."""
+        if n_keep < 0:
+            raise ValueError("n_keep must be >= 0")
+        ok = self._lib.llama_memory_seq_rm(self._mem, 0, n_keep, -1)
+        if not ok:
+            raise RollbackError(
+                f"{self.path.name}: llama.cpp cannot remove part of this model's memory (recurrent or "
+                "hybrid architecture); speculative decoding needs a model whose KV cache can roll back"
+            )
+        # Ask llama.cpp rather than trust our count: an interrupt between llama_decode returning and
+        # our bookkeeping must not leave stale positions behind.
+        self.n_past = min(n_keep, int(self._lib.llama_memory_seq_pos_max(self._mem, 0)) + 1)
+
+    def reset(self) -> None:
+        """Empty the KV cache."""
+        self._lib.llama_memory_clear(self._mem, True)
+        self.n_past = 0
