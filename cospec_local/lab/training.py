@@ -18,7 +18,8 @@ is exported as ONNX with its metadata: schema version, feature names, threshold,
 baseline's thresholds and the training provenance.
 
 Also here: the supervised baseline (labels from oracle branch choices, AutoJudge-style) and the
-fixed-threshold rule fitted on training problems.
+fixed-threshold rule fitted on training problems, and `run_training`, which runs all three for
+`cospec-local train-policy`.
 """
 
 from __future__ import annotations
@@ -360,3 +361,58 @@ def train_supervised(x: np.ndarray, y: np.ndarray, hidden: int = 16, epochs: int
         loss.backward()
         optimizer.step()
     return net.numpy_policy()
+
+
+def task_source(settings: TrainSettings) -> TaskSource:
+    """The problems `settings` trains on: its JSONL task file, else its task families."""
+    if settings.tasks:
+        from .testworld.tasks import load_jsonl_tasks
+
+        return TaskSource(items=load_jsonl_tasks(settings.tasks))
+    return TaskSource(settings.families)
+
+
+def run_training(pair, out: str | Path, settings: TrainSettings, tasks: TaskSource | None = None, *, resume: bool = False,
+                 rule_baseline: bool = True, compare_supervised: int = 0, init_supervised: bool = False,
+                 log=print) -> dict:
+    """`cospec-local train-policy`: fit the rule baseline (`rule_baseline`; its thresholds go into the
+    policy's metadata), train the supervised baseline on oracle labels from `compare_supervised`
+    training problems (the RL run's start with `init_supervised`), then `train_policy`. `log` gets
+    one line per baseline. Writes the report as JSON beside `out` and returns it."""
+    tasks = tasks or task_source(settings)
+    if init_supervised and not compare_supervised:
+        raise ValueError("--init-supervised needs --compare-supervised N (the problems to label)")
+    report: dict = {}
+    rule = None
+    if rule_baseline:
+        report["rule"] = _rule_baseline(pair, tasks, settings.held_out, log)
+        rule = (report["rule"]["tau"], report["rule"]["rho"])
+    supervised = None
+    if compare_supervised:
+        supervised, report["supervised"] = _supervised_baseline(pair, tasks, compare_supervised, settings, log)
+    report.update(train_policy(pair, out, settings, tasks, resume=resume, rule=rule,
+                               init=supervised if init_supervised else None))
+    Path(out).with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def _rule_baseline(pair, tasks: TaskSource, held_out: int, log) -> dict:
+    """The fixed-threshold rule fitted on 100 training problems, scored on the held-out ones."""
+    rule_policy, rule_accuracy = fit_rule(pair, tasks.train_set(100))
+    tau, rho = rule_policy.tau, rule_policy.rho
+    result = {"tau": tau, "rho": rho, "train_accuracy": rule_accuracy,
+              "held_out_accuracy": accuracy(pair, rule_policy, tasks.held_out(held_out))}
+    log(f"rule: keep when q(x) > {tau} and p(y) < {rho} (train accuracy {rule_accuracy:.3f}, "
+        f"held-out {result['held_out_accuracy']:.3f})")
+    return result
+
+
+def _supervised_baseline(pair, tasks: TaskSource, n_problems: int, settings: TrainSettings, log) -> tuple[NumpyPolicy, dict]:
+    """The MLP fitted to oracle labels from `n_problems` training problems, scored on the held-out ones."""
+    t0 = time.perf_counter()
+    x, y = oracle_labels(pair, tasks.train_set(n_problems))
+    supervised = train_supervised(x, y, hidden=settings.hidden, seed=settings.seed)
+    result = {"labels": int(len(y)), "positive": int(y.sum()), "seconds": time.perf_counter() - t0,
+              "held_out_accuracy": accuracy(pair, supervised, tasks.held_out(settings.held_out))}
+    log(f"supervised baseline on {len(y)} oracle labels: held-out accuracy {result['held_out_accuracy']:.3f}")
+    return supervised, result
