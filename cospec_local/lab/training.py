@@ -237,21 +237,7 @@ def train_policy(pair, out: str | Path, settings: TrainSettings, tasks: TaskSour
     tasks = tasks or TaskSource(settings.families)
     held_out = tasks.held_out(settings.held_out)
     if not resume:
-        if init is not None:
-            with torch.no_grad():
-                for name, value in (("mu", init.mu), ("sd", init.sd), ("hidden.weight", init.w1),
-                                    ("hidden.bias", init.b1), ("out.weight", init.w2), ("out.bias", init.b2)):
-                    net.state_dict()[name].copy_(torch.tensor(value, dtype=torch.float32))
-        else:  # random weights, zero output bias; features standardised on a first round of rollouts
-            with torch.no_grad():
-                net.out.bias.fill_(0.0)
-            stats_items = tasks.train_batch(np.random.default_rng([settings.seed, 0]), 16)
-            verifier = ArbitratingVerifier(net.numpy_policy(), stochastic=True)
-            rows = [d.features for p in stats_items for d in rollout(pair, p, verifier, 1, settings.max_tokens)[2]]
-            if rows:
-                feats = np.stack(rows)
-                net.mu.copy_(torch.tensor(feats.mean(0), dtype=torch.float32))
-                net.sd.copy_(torch.tensor(feats.std(0) + 1e-3, dtype=torch.float32))
+        _initialise(net, pair, tasks, settings, init)
         settings.history = [{"epoch": 0, "held_out_accuracy": accuracy(pair, net.numpy_policy(), held_out,
                                                                             max_tokens=settings.max_tokens)}]
         first_epoch = 1
@@ -262,34 +248,9 @@ def train_policy(pair, out: str | Path, settings: TrainSettings, tasks: TaskSour
         rng = np.random.default_rng([settings.seed, epoch])
         rewards_seen: list[float] = []
         bar = tqdm(total=per_epoch, desc=f"epoch {epoch}/{settings.epochs}", disable=not progress)
-        for batch in range(settings.batches_per_epoch):
-            items = tasks.train_batch(rng, settings.problems_per_batch)
-            policy = net.numpy_policy()
-            verifier = ArbitratingVerifier(policy, stochastic=True)
-            features, actions, weights = [], [], []
-            for k, problem in enumerate(items):
-                group = [rollout(pair, problem, verifier, int(rng.integers(1 << 31)), settings.max_tokens, settings.cost)
-                         for _ in range(settings.group_size)]
-                rewards = np.array([g[0] for g in group])
-                rewards_seen.extend(rewards.tolist())
-                advantages = rewards - rewards.mean()
-                for advantage, (_, _, decisions) in zip(advantages, group):
-                    for d in decisions:
-                        features.append(d.features)
-                        actions.append(float(d.kept))
-                        weights.append(advantage)
-                bar.update(1)
-                bar.set_postfix(reward=f"{np.mean(rewards_seen):.3f}")
-            if features and any(w != 0 for w in weights):
-                x = torch.tensor(np.stack(features), dtype=torch.float32)
-                a = torch.tensor(actions)
-                w = torch.tensor(weights, dtype=torch.float32)
-                logits = net.logit(x)
-                log_prob = -torch.nn.functional.binary_cross_entropy_with_logits(logits, a, reduction="none")
-                loss = -(w * log_prob).sum() / len(features)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+        for _ in range(settings.batches_per_epoch):
+            _train_batch(pair, net, optimizer, tasks.train_batch(rng, settings.problems_per_batch), rng, settings,
+                         rewards_seen, bar)
         bar.close()
         held = accuracy(pair, net.numpy_policy(), held_out, max_tokens=settings.max_tokens)
         settings.history.append({"epoch": epoch, "train_reward": float(np.mean(rewards_seen)), "held_out_accuracy": held})
@@ -313,6 +274,61 @@ def train_policy(pair, out: str | Path, settings: TrainSettings, tasks: TaskSour
         metadata["cospec.rule_tau"], metadata["cospec.rule_rho"] = str(rule[0]), str(rule[1])
     export_onnx(net.numpy_policy(), out, metadata)
     return {"settings": asdict(settings), "exported_epoch": best["epoch"], "seconds": seconds, "out": str(out)}
+
+
+def _initialise(net, pair, tasks: TaskSource, settings: TrainSettings, init: NumpyPolicy | None) -> None:
+    """A fresh run's first weights: `init`'s, else random ones with a zero output bias and the
+    features standardised on a first round of rollouts."""
+    import torch
+
+    if init is not None:
+        with torch.no_grad():
+            for name, value in (("mu", init.mu), ("sd", init.sd), ("hidden.weight", init.w1),
+                                ("hidden.bias", init.b1), ("out.weight", init.w2), ("out.bias", init.b2)):
+                net.state_dict()[name].copy_(torch.tensor(value, dtype=torch.float32))
+        return
+    with torch.no_grad():
+        net.out.bias.fill_(0.0)
+    stats_items = tasks.train_batch(np.random.default_rng([settings.seed, 0]), 16)
+    verifier = ArbitratingVerifier(net.numpy_policy(), stochastic=True)
+    rows = [d.features for p in stats_items for d in rollout(pair, p, verifier, 1, settings.max_tokens)[2]]
+    if rows:
+        feats = np.stack(rows)
+        net.mu.copy_(torch.tensor(feats.mean(0), dtype=torch.float32))
+        net.sd.copy_(torch.tensor(feats.std(0) + 1e-3, dtype=torch.float32))
+
+
+def _train_batch(pair, net, optimizer, items: list[Problem], rng: np.random.Generator, settings: TrainSettings,
+                 rewards_seen: list[float], bar) -> None:
+    """One batch: a group of stochastic rollouts per problem with the current weights, then one
+    policy-gradient step on their decisions weighted by the group-relative advantages."""
+    import torch
+
+    verifier = ArbitratingVerifier(net.numpy_policy(), stochastic=True)
+    features, actions, weights = [], [], []
+    for problem in items:
+        group = [rollout(pair, problem, verifier, int(rng.integers(1 << 31)), settings.max_tokens, settings.cost)
+                 for _ in range(settings.group_size)]
+        rewards = np.array([g[0] for g in group])
+        rewards_seen.extend(rewards.tolist())
+        advantages = rewards - rewards.mean()
+        for advantage, (_, _, decisions) in zip(advantages, group):
+            for d in decisions:
+                features.append(d.features)
+                actions.append(float(d.kept))
+                weights.append(advantage)
+        bar.update(1)
+        bar.set_postfix(reward=f"{np.mean(rewards_seen):.3f}")
+    if features and any(w != 0 for w in weights):
+        x = torch.tensor(np.stack(features), dtype=torch.float32)
+        a = torch.tensor(actions)
+        w = torch.tensor(weights, dtype=torch.float32)
+        logits = net.logit(x)
+        log_prob = -torch.nn.functional.binary_cross_entropy_with_logits(logits, a, reduction="none")
+        loss = -(w * log_prob).sum() / len(features)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
 
 
 def oracle_labels(pair, items: list[Problem], max_tokens: int = 160) -> tuple[np.ndarray, np.ndarray]:
