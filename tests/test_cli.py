@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from cli.main import cli
 from cospec_local import load_pair
 
-FAMILY = Path(__file__).resolve().parents[1] / "models" / "family"
+ROOT = Path(__file__).resolve().parents[1]
+FAMILY = ROOT / "models" / "family"
 
 
 def run(*args, input=None):
@@ -231,6 +232,80 @@ def test_chat_survives_ctrl_c_during_a_reply(tiny_target, monkeypatch):
     assert r.exit_code == 0, r.output
     assert "(interrupted)" in r.stderr
     assert calls["n"] == 2  # the session went on to the second message
+
+
+class Terminal:
+    """The controlling side of a pseudo-terminal: what the program wrote (CRLF read as LF), and
+    waiting for a text to appear after the last one waited for."""
+
+    def __init__(self, fd):
+        import codecs
+
+        self.fd, self.text, self.pos = fd, "", 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def expect(self, text, timeout=120):
+        import os
+        import select
+        import time
+
+        deadline = time.monotonic() + timeout
+        while (found := self.text.find(text, self.pos)) < 0:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {text!r} after {self.text[self.pos:]!r}"
+            if select.select([self.fd], [], [], left)[0]:
+                try:
+                    data = os.read(self.fd, 4096)
+                except OSError:  # EIO: the program closed the terminal
+                    data = b""
+                assert data, f"the terminal closed before {text!r}; it showed {self.text!r}"
+                self.text = (self.text + self.decoder.decode(data)).replace("\r\n", "\n")
+        self.pos = found + len(text)
+
+
+def test_chat_on_a_terminal_ctrl_c_at_the_prompt_clears_the_line():
+    """On a terminal, Ctrl-C at the prompt drops the line being typed and prompts afresh, as a shell
+    does: the chat goes on and the next reply continues the conversation (the shipped family's
+    replies depend on the history); /exit quits with status 0."""
+    import os
+    import pty
+    import subprocess
+    import sys
+    import time
+
+    first, second = (reply.lstrip() for reply in chat_replies(FAMILY / "target.gguf", ["hello there", "second question"], 15))
+    master, slave = pty.openpty()
+    # A session of its own whose controlling terminal is the pty: the terminal's Ctrl-C (its
+    # line discipline's SIGINT to the foreground group) reaches the chat, as in a shell.
+    start = ("import fcntl, runpy, signal, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+             "signal.signal(signal.SIGINT, signal.default_int_handler); sys.argv[0] = 'cospec-local'; "
+             "runpy.run_module('cli.main', run_name='__main__', alter_sys=True)")
+    args = ["chat", *models(FAMILY / "draft.gguf", FAMILY / "target.gguf"), "--temperature", 0, "--max-tokens", 15, "--no-color"]
+    proc = subprocess.Popen([sys.executable, "-c", start, *map(str, args)], cwd=ROOT, stdin=slave, stdout=slave, stderr=slave,
+                            start_new_session=True)
+    os.close(slave)
+    term = Terminal(master)
+    try:
+        term.expect("/stats /reset /exit\n> ")
+        os.write(master, b"hello there\n")
+        term.expect("hello there\n" + first + "\n> ")
+        time.sleep(0.5)  # the chat is reading the terminal now
+        os.write(master, b"forget this")
+        term.expect("forget this")
+        os.write(master, b"\x03")  # Ctrl-C
+        term.expect("\n> ")
+        time.sleep(0.5)
+        assert proc.poll() is None, term.text
+        os.write(master, b"second question\n")
+        term.expect("second question\n" + second + "\n> ")
+        os.write(master, b"/exit\n")
+        assert proc.wait(timeout=60) == 0, term.text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    assert "(interrupted)" not in term.text and "Traceback" not in term.text
 
 
 def test_bench_ngram_modes_predict_with_a_free_draft(tmp_path):

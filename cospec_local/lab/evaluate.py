@@ -11,9 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import GenerationConfig
+from ..modes import mode_class
 from .stats import wilson_interval
 from .testworld.headroom import first_disagreement, greedy_continue
 from .testworld.tasks import TASK_STOP, check
+
+# The lab's own modes besides the decoding modes: cospec arbitrated by the fixed-threshold rule,
+# and the first-disagreement oracle (`oracle_correct`).
+LAB_MODES = ("rule", "oracle")
 
 @dataclass
 class ModeResult:
@@ -95,8 +100,8 @@ def evaluate(
 ) -> dict:
     """Run each problem in each mode (greedy unless `config` says otherwise) and check answers.
 
-    Besides the decoding modes: `rule` (cospec with the fixed-threshold rule `rule` = (tau, rho))
-    and `oracle` (`oracle_correct`; it has no speed figures)."""
+    Besides the decoding modes, the `LAB_MODES`: `rule` (cospec with the fixed-threshold rule
+    `rule` = (tau, rho)) and `oracle` (`oracle_correct`; it has no speed figures)."""
     from tqdm import tqdm
 
     from ..arbiter import ArbitratingVerifier, RulePolicy
@@ -135,24 +140,37 @@ def evaluate(
     return {"modes": [results[m].as_dict() for m in modes], "n_problems": len(problems)}
 
 
-def format_table(report: dict) -> str:
-    """A plain-text table of an `evaluate` report: one column per mode."""
-    modes = report["modes"]
+def needs_draft(modes, config: GenerationConfig) -> bool:
+    """Whether evaluating `modes` with `config` needs a draft model (the lab's modes arbitrate or
+    swap in the draft's tokens)."""
+    return any(mode in LAB_MODES or mode_class(config.with_(mode=mode)).needs_draft(config.with_(mode=mode)) for mode in modes)
 
-    def pct(x):
-        return "-" if x is None else f"{x:.1%}"
 
-    rows = [
-        ("accuracy", [pct(m["accuracy"]) for m in modes]),
-        ("95% CI", [f"{m['ci95'][0]:.1%}-{m['ci95'][1]:.1%}" for m in modes]),
-        ("tok/s", [f"{m['tokens_per_second']:.1f}" for m in modes]),
-        ("calls/token", [f"{m['model_calls_per_token']:.2f}" for m in modes]),
-        ("target calls/tok", [f"{m['target_calls_per_token']:.2f}" for m in modes]),
-        ("overrides", [f"{m['overrides']}/{m['mismatches']}" if m["mismatches"] else "-" for m in modes]),
-        ("acceptance", [pct(m["acceptance_rate"]) for m in modes]),
-        ("accepted/cycle", ["-" if m["mean_accepted_length"] is None else f"{m['mean_accepted_length']:.2f}" for m in modes]),
-    ]
-    width = max(13, *(len(m["mode"]) + 2 for m in modes))
-    lines = [f"{'':<15}" + "".join(f"{m['mode']:>{width}}" for m in modes)]
-    lines += [f"{name:<15}" + "".join(f"{v:>{width}}" for v in values) for name, values in rows]
-    return "\n".join(lines)
+def rule_thresholds(pair, config: GenerationConfig) -> tuple[float, float]:
+    """The rule mode's (tau, rho) fitted on training problems, stored with `config`'s policy."""
+    meta = pair.engine.load_policy(config.policy).metadata
+    if "cospec.rule_tau" not in meta:
+        raise ValueError("mode 'rule' needs --rule TAU,RHO (this policy stores no fitted rule)")
+    return (float(meta["cospec.rule_tau"]), float(meta["cospec.rule_rho"]))
+
+
+def run_evaluation(pair, problems, modes, config: GenerationConfig, rule: tuple[float, float] | None = None,
+                   source: str | None = None, progress: bool = True) -> dict:
+    """`cospec-local eval`: `evaluate` after checking, before the first problem, that the models run
+    every decoding mode and that an arbitrating mode's policy loads. The tasks' stop string is
+    added to `config`'s; the rule mode's thresholds are `rule`, else those stored with the policy.
+    The report also names the thresholds used and the problems' `source`."""
+    config = config.with_(stop=tuple(dict.fromkeys(config.stop + TASK_STOP)))
+    if "rule" in modes and rule is None:
+        rule = rule_thresholds(pair, config)
+    elif "rule" not in modes:
+        rule = None
+    decoding = [config.with_(mode=mode) for mode in modes if mode not in LAB_MODES]
+    for mode_config in decoding:
+        pair.engine.check(mode_config)  # fail before the first problem
+    if any(mode_class(mode_config).arbitrates for mode_config in decoding):
+        pair.engine.load_policy(config.policy)
+    report = evaluate(pair, problems, modes, config, progress=progress, rule=rule)
+    report["rule"] = rule
+    report["source"] = source
+    return report

@@ -18,7 +18,8 @@ is exported as ONNX with its metadata: schema version, feature names, threshold,
 baseline's thresholds and the training provenance.
 
 Also here: the supervised baseline (labels from oracle branch choices, AutoJudge-style) and the
-fixed-threshold rule fitted on training problems.
+fixed-threshold rule fitted on training problems, and `run_training`, which runs all three for
+`cospec-local train-policy`.
 """
 
 from __future__ import annotations
@@ -236,21 +237,7 @@ def train_policy(pair, out: str | Path, settings: TrainSettings, tasks: TaskSour
     tasks = tasks or TaskSource(settings.families)
     held_out = tasks.held_out(settings.held_out)
     if not resume:
-        if init is not None:
-            with torch.no_grad():
-                for name, value in (("mu", init.mu), ("sd", init.sd), ("hidden.weight", init.w1),
-                                    ("hidden.bias", init.b1), ("out.weight", init.w2), ("out.bias", init.b2)):
-                    net.state_dict()[name].copy_(torch.tensor(value, dtype=torch.float32))
-        else:  # random weights, zero output bias; features standardised on a first round of rollouts
-            with torch.no_grad():
-                net.out.bias.fill_(0.0)
-            stats_items = tasks.train_batch(np.random.default_rng([settings.seed, 0]), 16)
-            verifier = ArbitratingVerifier(net.numpy_policy(), stochastic=True)
-            rows = [d.features for p in stats_items for d in rollout(pair, p, verifier, 1, settings.max_tokens)[2]]
-            if rows:
-                feats = np.stack(rows)
-                net.mu.copy_(torch.tensor(feats.mean(0), dtype=torch.float32))
-                net.sd.copy_(torch.tensor(feats.std(0) + 1e-3, dtype=torch.float32))
+        _initialise(net, pair, tasks, settings, init)
         settings.history = [{"epoch": 0, "held_out_accuracy": accuracy(pair, net.numpy_policy(), held_out,
                                                                             max_tokens=settings.max_tokens)}]
         first_epoch = 1
@@ -261,34 +248,9 @@ def train_policy(pair, out: str | Path, settings: TrainSettings, tasks: TaskSour
         rng = np.random.default_rng([settings.seed, epoch])
         rewards_seen: list[float] = []
         bar = tqdm(total=per_epoch, desc=f"epoch {epoch}/{settings.epochs}", disable=not progress)
-        for batch in range(settings.batches_per_epoch):
-            items = tasks.train_batch(rng, settings.problems_per_batch)
-            policy = net.numpy_policy()
-            verifier = ArbitratingVerifier(policy, stochastic=True)
-            features, actions, weights = [], [], []
-            for k, problem in enumerate(items):
-                group = [rollout(pair, problem, verifier, int(rng.integers(1 << 31)), settings.max_tokens, settings.cost)
-                         for _ in range(settings.group_size)]
-                rewards = np.array([g[0] for g in group])
-                rewards_seen.extend(rewards.tolist())
-                advantages = rewards - rewards.mean()
-                for advantage, (_, _, decisions) in zip(advantages, group):
-                    for d in decisions:
-                        features.append(d.features)
-                        actions.append(float(d.kept))
-                        weights.append(advantage)
-                bar.update(1)
-                bar.set_postfix(reward=f"{np.mean(rewards_seen):.3f}")
-            if features and any(w != 0 for w in weights):
-                x = torch.tensor(np.stack(features), dtype=torch.float32)
-                a = torch.tensor(actions)
-                w = torch.tensor(weights, dtype=torch.float32)
-                logits = net.logit(x)
-                log_prob = -torch.nn.functional.binary_cross_entropy_with_logits(logits, a, reduction="none")
-                loss = -(w * log_prob).sum() / len(features)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+        for _ in range(settings.batches_per_epoch):
+            _train_batch(pair, net, optimizer, tasks.train_batch(rng, settings.problems_per_batch), rng, settings,
+                         rewards_seen, bar)
         bar.close()
         held = accuracy(pair, net.numpy_policy(), held_out, max_tokens=settings.max_tokens)
         settings.history.append({"epoch": epoch, "train_reward": float(np.mean(rewards_seen)), "held_out_accuracy": held})
@@ -312,6 +274,61 @@ def train_policy(pair, out: str | Path, settings: TrainSettings, tasks: TaskSour
         metadata["cospec.rule_tau"], metadata["cospec.rule_rho"] = str(rule[0]), str(rule[1])
     export_onnx(net.numpy_policy(), out, metadata)
     return {"settings": asdict(settings), "exported_epoch": best["epoch"], "seconds": seconds, "out": str(out)}
+
+
+def _initialise(net, pair, tasks: TaskSource, settings: TrainSettings, init: NumpyPolicy | None) -> None:
+    """A fresh run's first weights: `init`'s, else random ones with a zero output bias and the
+    features standardised on a first round of rollouts."""
+    import torch
+
+    if init is not None:
+        with torch.no_grad():
+            for name, value in (("mu", init.mu), ("sd", init.sd), ("hidden.weight", init.w1),
+                                ("hidden.bias", init.b1), ("out.weight", init.w2), ("out.bias", init.b2)):
+                net.state_dict()[name].copy_(torch.tensor(value, dtype=torch.float32))
+        return
+    with torch.no_grad():
+        net.out.bias.fill_(0.0)
+    stats_items = tasks.train_batch(np.random.default_rng([settings.seed, 0]), 16)
+    verifier = ArbitratingVerifier(net.numpy_policy(), stochastic=True)
+    rows = [d.features for p in stats_items for d in rollout(pair, p, verifier, 1, settings.max_tokens)[2]]
+    if rows:
+        feats = np.stack(rows)
+        net.mu.copy_(torch.tensor(feats.mean(0), dtype=torch.float32))
+        net.sd.copy_(torch.tensor(feats.std(0) + 1e-3, dtype=torch.float32))
+
+
+def _train_batch(pair, net, optimizer, items: list[Problem], rng: np.random.Generator, settings: TrainSettings,
+                 rewards_seen: list[float], bar) -> None:
+    """One batch: a group of stochastic rollouts per problem with the current weights, then one
+    policy-gradient step on their decisions weighted by the group-relative advantages."""
+    import torch
+
+    verifier = ArbitratingVerifier(net.numpy_policy(), stochastic=True)
+    features, actions, weights = [], [], []
+    for problem in items:
+        group = [rollout(pair, problem, verifier, int(rng.integers(1 << 31)), settings.max_tokens, settings.cost)
+                 for _ in range(settings.group_size)]
+        rewards = np.array([g[0] for g in group])
+        rewards_seen.extend(rewards.tolist())
+        advantages = rewards - rewards.mean()
+        for advantage, (_, _, decisions) in zip(advantages, group):
+            for d in decisions:
+                features.append(d.features)
+                actions.append(float(d.kept))
+                weights.append(advantage)
+        bar.update(1)
+        bar.set_postfix(reward=f"{np.mean(rewards_seen):.3f}")
+    if features and any(w != 0 for w in weights):
+        x = torch.tensor(np.stack(features), dtype=torch.float32)
+        a = torch.tensor(actions)
+        w = torch.tensor(weights, dtype=torch.float32)
+        logits = net.logit(x)
+        log_prob = -torch.nn.functional.binary_cross_entropy_with_logits(logits, a, reduction="none")
+        loss = -(w * log_prob).sum() / len(features)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
 
 
 def oracle_labels(pair, items: list[Problem], max_tokens: int = 160) -> tuple[np.ndarray, np.ndarray]:
@@ -360,3 +377,58 @@ def train_supervised(x: np.ndarray, y: np.ndarray, hidden: int = 16, epochs: int
         loss.backward()
         optimizer.step()
     return net.numpy_policy()
+
+
+def task_source(settings: TrainSettings) -> TaskSource:
+    """The problems `settings` trains on: its JSONL task file, else its task families."""
+    if settings.tasks:
+        from .testworld.tasks import load_jsonl_tasks
+
+        return TaskSource(items=load_jsonl_tasks(settings.tasks))
+    return TaskSource(settings.families)
+
+
+def run_training(pair, out: str | Path, settings: TrainSettings, tasks: TaskSource | None = None, *, resume: bool = False,
+                 rule_baseline: bool = True, compare_supervised: int = 0, init_supervised: bool = False,
+                 log=print) -> dict:
+    """`cospec-local train-policy`: fit the rule baseline (`rule_baseline`; its thresholds go into the
+    policy's metadata), train the supervised baseline on oracle labels from `compare_supervised`
+    training problems (the RL run's start with `init_supervised`), then `train_policy`. `log` gets
+    one line per baseline. Writes the report as JSON beside `out` and returns it."""
+    tasks = tasks or task_source(settings)
+    if init_supervised and not compare_supervised:
+        raise ValueError("--init-supervised needs --compare-supervised N (the problems to label)")
+    report: dict = {}
+    rule = None
+    if rule_baseline:
+        report["rule"] = _rule_baseline(pair, tasks, settings.held_out, log)
+        rule = (report["rule"]["tau"], report["rule"]["rho"])
+    supervised = None
+    if compare_supervised:
+        supervised, report["supervised"] = _supervised_baseline(pair, tasks, compare_supervised, settings, log)
+    report.update(train_policy(pair, out, settings, tasks, resume=resume, rule=rule,
+                               init=supervised if init_supervised else None))
+    Path(out).with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def _rule_baseline(pair, tasks: TaskSource, held_out: int, log) -> dict:
+    """The fixed-threshold rule fitted on 100 training problems, scored on the held-out ones."""
+    rule_policy, rule_accuracy = fit_rule(pair, tasks.train_set(100))
+    tau, rho = rule_policy.tau, rule_policy.rho
+    result = {"tau": tau, "rho": rho, "train_accuracy": rule_accuracy,
+              "held_out_accuracy": accuracy(pair, rule_policy, tasks.held_out(held_out))}
+    log(f"rule: keep when q(x) > {tau} and p(y) < {rho} (train accuracy {rule_accuracy:.3f}, "
+        f"held-out {result['held_out_accuracy']:.3f})")
+    return result
+
+
+def _supervised_baseline(pair, tasks: TaskSource, n_problems: int, settings: TrainSettings, log) -> tuple[NumpyPolicy, dict]:
+    """The MLP fitted to oracle labels from `n_problems` training problems, scored on the held-out ones."""
+    t0 = time.perf_counter()
+    x, y = oracle_labels(pair, tasks.train_set(n_problems))
+    supervised = train_supervised(x, y, hidden=settings.hidden, seed=settings.seed)
+    result = {"labels": int(len(y)), "positive": int(y.sum()), "seconds": time.perf_counter() - t0,
+              "held_out_accuracy": accuracy(pair, supervised, tasks.held_out(settings.held_out))}
+    log(f"supervised baseline on {len(y)} oracle labels: held-out accuracy {result['held_out_accuracy']:.3f}")
+    return supervised, result
