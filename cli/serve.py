@@ -19,11 +19,15 @@ from .options import generation_options, handle_errors, model_options, runnable_
               "More requests wait in a queue.")
 @click.option("--api-key", envvar="COSPEC_API_KEY", default=None, help="Require 'Authorization: Bearer KEY' (also $COSPEC_API_KEY).")
 @click.option("--model-id", default=None, help="Model name reported by /v1/models (default: the target file's name).")
+@click.option("--shared-ngrams/--no-shared-ngrams", default=False, show_default=True,
+              help="Let n-gram proposals (--draft-source ngram or ngram+model) continue from the text of earlier requests "
+              "(the same system prompt, repeated documents). Outputs stay the target's, but a request then runs faster when "
+              "another one held the same text: a timing side channel between clients. Off by default.")
 @handle_errors
-def serve(models, config, host, port, parallel, api_key, model_id):
+def serve(models, config, host, port, parallel, api_key, model_id, shared_ngrams):
     """OpenAI-compatible server: /v1/completions, /v1/chat/completions (streaming or not),
     /v1/models, /health, /metrics. The decoding flags set the defaults; a request may override
-    them with the extension fields mode, draft_max, combine, weights, mu, gamma, threshold, top_k, min_p."""
+    any of them (but --policy) with an extension field of the same name (mode, draft_max, draft_source, ...)."""
     try:
         from cospec_local.server import ServerSettings
         from cospec_local.server import serve as run_server
@@ -40,7 +44,7 @@ def serve(models, config, host, port, parallel, api_key, model_id):
         pair.engine.check(config)  # a default mode these models cannot run fails now, not per request
         if mode_class(config).arbitrates or config.policy:
             pair.engine.load_policy(config.policy)  # a bad policy file fails now
-        settings = ServerSettings(model_id or pair.target.path.stem, config, api_key)
+        settings = ServerSettings(model_id or pair.target.path.stem, config, api_key, shared_ngrams)
         if not is_loopback(host):
             click.echo(f"warning: binding {host}: the server is reachable from other machines"
                        + ("" if api_key else " and anyone can use it (set --api-key)"), err=True)

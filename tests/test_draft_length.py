@@ -267,3 +267,19 @@ def test_a_free_proposer_keeps_proposing_before_any_target_step_and_keeps_target
     model_draft = AdaptiveDraftLength()
     model_draft.observe_cycle(3, 0.010, 4)
     assert model_draft.choose(6) == 0  # a model draft still measures a target step first
+
+
+def test_expected_tokens_per_second_charges_draft_steps_and_verification_rows():
+    """The proposer chain's yardstick: with the same acceptance and target costs, a proposal that
+    costs draft steps is worth less per second than a free one of the same length, and a free
+    one is worth more when longer only while rows are cheap."""
+    free, model = AdaptiveDraftLength(), AdaptiveDraftLength()
+    for policy in (free, model):
+        for n_rows, seconds in ((1, 1.0), (5, 1.4)):  # 0.1 s per extra row
+            policy.observe_target(n_rows, seconds)
+    model.observe_draft_step(0.5)
+    assert free.expected_tokens_per_second(3) > model.expected_tokens_per_second(3)
+    assert free.expected_tokens_per_second(4) > free.expected_tokens_per_second(1)
+    for n_rows, seconds in ((1, 1.0), (5, 9.0)):  # now 2 s per extra row: long proposals lose
+        free.observe_target(n_rows, seconds)
+    assert free.expected_tokens_per_second(4) < free.expected_tokens_per_second(1)
