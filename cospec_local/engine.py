@@ -92,11 +92,11 @@ class Conversation:
 
     def __init__(self):
         self.context: list[int] = []
-        self.draft_length = AdaptiveDraftLength()  # learned costs carry over between calls
+        self.draft_length_policy = AdaptiveDraftLength()  # learned costs carry over between calls
         # The same for n-gram proposals: own acceptance, restarted per generation (whether the
         # output repeats its context depends on the prompt), probing more often (proposals are free)
         # and with a longer memory (one rejected run of free proposals is no reason to stop).
-        self.ngram_length = AdaptiveDraftLength(probe_growth=2, cycle_decay=0.95, full_length=True)
+        self.ngram_length_policy = AdaptiveDraftLength(probe_growth=2, cycle_decay=0.95, full_length=True)
         self.ngram_index = NgramIndex()  # follows the context
         # Earlier generations' tokens shared with other conversations (a server option; None: off).
         self.ngram_pool: SharedNgramPool | None = None

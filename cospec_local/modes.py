@@ -27,7 +27,12 @@ import time
 
 import numpy as np
 
-from . import speedup
+from .speedup import (
+    predicted_apf_speedup,
+    predicted_cos_naive_speedup,
+    predicted_speedup,
+    predicted_speedup_with_verify_cost,
+)
 from .combine import Combination, Contrastive, Single, WeightedEnsemble
 from .config import MODES as MODE_NAMES
 from .config import GenerationConfig
@@ -142,35 +147,35 @@ class Spec(Mode):
             return None
         c = c if self.model is not None else 0.0  # an n-gram lookup costs nothing next to a model call
         rows = verify_ratio(gamma + 1)
-        return {"predicted_speedup": speedup.predicted_speedup(alpha, gamma, c),
-                "predicted_speedup_with_verify_cost": speedup.predicted_speedup_with_verify_cost(alpha, gamma, c, rows),
+        return {"predicted_speedup": predicted_speedup(alpha, gamma, c),
+                "predicted_speedup_with_verify_cost": predicted_speedup_with_verify_cost(alpha, gamma, c, rows),
                 # A draft that costs nothing with the same acceptance: the ceiling that the
                 # target's verification cost alone sets on this machine.
-                "ceiling_free_draft": speedup.predicted_speedup_with_verify_cost(alpha, gamma, 0.0, rows)}
+                "ceiling_free_draft": predicted_speedup_with_verify_cost(alpha, gamma, 0.0, rows)}
 
     def __init__(self, engine, config, conversation):
         super().__init__(engine, config, conversation)
         target = engine.target_index
-        self.policy = conversation.draft_length if config.adaptive else None  # the model draft's
-        self.ngram = self.ngram_policy = self.model = None
+        self.draft_lengths = conversation.draft_length_policy if config.adaptive else None  # the model draft's
+        self.ngram = self.ngram_lengths = self.model = None
         if config.draft_source != "model":
             self.ngram = NgramProposer(conversation.ngram_index, conversation.ngram_pool)
-            self.ngram_policy = conversation.ngram_length if self.policy is not None else None
+            self.ngram_lengths = conversation.ngram_length_policy if self.draft_lengths is not None else None
         if config.draft_source != "ngram":
             draft = _draft_index(engine, "mode 'spec' needs a draft model (or --draft-source ngram)")
             self.model = ModelProposer(draft, engine.slots[draft], stops_when_unsure=True, windowed=True,
-                                       length_policy=self.policy)
+                                       length_policy=self.draft_lengths)
             self.active = (draft, target)
         self._k: int | None = None  # this round's proposal length (0: a target step)
-        self._cycle_policy = None  # the policy whose proposer drafted this round
+        self._cycle_lengths = None  # the draft-length policy of the proposer that drafted this round
 
     def start(self):
         if self.ngram is not None:  # whether the output repeats its context depends on the prompt
-            self.conversation.ngram_length.new_input()
+            self.conversation.ngram_length_policy.new_input()
 
     def prefills_lazily(self, index):
         # The draft skips the prompt while measurements say drafting loses; a probe then feeds it a window.
-        return self.model is not None and index == self.model.index and self.policy is not None and self.policy.drafting_loses
+        return self.model is not None and index == self.model.index and self.draft_lengths is not None and self.draft_lengths.drafting_loses
 
     def take_turn(self, gen):
         if not gen.pending and gen.limit > 0 and self._draft(gen):
@@ -185,16 +190,16 @@ class Spec(Mode):
         cap = min(self.config.draft_max, gen.limit)
         found: list[int] = []
         if self.ngram is not None:
-            found = self.ngram.lookup(gen, cap if self.ngram_policy is None else self.ngram_policy.choose(cap))
+            found = self.ngram.lookup(gen, cap if self.ngram_lengths is None else self.ngram_lengths.choose(cap))
         k = 0
-        if self.model is not None and (not found or self.policy is not None):
-            k = cap if self.policy is None else self.policy.choose(cap)
-        if found and (not k or self.policy is None
-                      or self.ngram_policy.expected_tokens_per_second(len(found))
-                      >= self.policy.expected_tokens_per_second(k)):
-            self._k, self._cycle_policy = self.ngram.propose(gen, len(found), found), self.ngram_policy
+        if self.model is not None and (not found or self.draft_lengths is not None):
+            k = cap if self.draft_lengths is None else self.draft_lengths.choose(cap)
+        if found and (not k or self.draft_lengths is None
+                      or self.ngram_lengths.expected_tokens_per_second(len(found))
+                      >= self.draft_lengths.expected_tokens_per_second(k)):
+            self._k, self._cycle_lengths = self.ngram.propose(gen, len(found), found), self.ngram_lengths
             return True
-        if self.policy is not None:
+        if self.draft_lengths is not None:
             self._k = k
         if not k:
             return False
@@ -203,20 +208,20 @@ class Spec(Mode):
 
     def observe_score(self, n_rows, seconds):
         # The target's call-time line: both policies verify with the same target.
-        for policy in (self.policy, self.ngram_policy):
-            if policy is not None and n_rows:
-                policy.observe_target(n_rows, seconds)
+        for lengths in (self.draft_lengths, self.ngram_lengths):
+            if lengths is not None and n_rows:
+                lengths.observe_target(n_rows, seconds)
 
     def observe(self, gen, n_verified, n_accepted, n_emitted):
-        cycle = self._cycle_policy or self.policy
+        cycle = self._cycle_lengths or self.draft_lengths
         if cycle is not None:
             if n_verified:
                 cycle.observe_acceptance(n_verified, n_accepted)
             seconds = time.perf_counter() - gen.round_started
             cycle.observe_cycle(self._k or 0, seconds, n_emitted)
-            if not self._k and self.ngram_policy is not None and cycle is not self.ngram_policy:
-                self.ngram_policy.observe_cycle(0, seconds, n_emitted)  # target steps: both learn
-        self._k, self._cycle_policy = None, None
+            if not self._k and self.ngram_lengths is not None and cycle is not self.ngram_lengths:
+                self.ngram_lengths.observe_cycle(0, seconds, n_emitted)  # target steps: both learn
+        self._k, self._cycle_lengths = None, None
 
 
 class CoSpec(Mode):
@@ -288,8 +293,8 @@ class CosNaive(Collab):
     def predict(self, baseline, alpha, gamma, c, verify_ratio):
         if baseline != "collab" or len(self.slots) != 2:
             return None
-        return {"predicted_speedup": speedup.predicted_cos_naive_speedup(alpha, gamma, c),
-                "predicted_speedup_with_verify_cost": speedup.predicted_cos_naive_speedup(alpha, gamma, c, verify_ratio(gamma + 1))}
+        return {"predicted_speedup": predicted_cos_naive_speedup(alpha, gamma, c),
+                "predicted_speedup_with_verify_cost": predicted_cos_naive_speedup(alpha, gamma, c, verify_ratio(gamma + 1))}
 
     def take_turn(self, gen):
         if not gen.pending and self.gammas[0] > 0 and gen.limit > 0:
@@ -310,8 +315,8 @@ class Cos(Collab):
         if baseline != "collab" or len(self.slots) != 2:
             return None
         gq, gp = self.gammas
-        return {"predicted_speedup": speedup.predicted_apf_speedup(alpha, gq, gp, c),
-                "predicted_speedup_with_verify_cost": speedup.predicted_apf_speedup(alpha, gq, gp, c, verify_ratio(gq + 1))}
+        return {"predicted_speedup": predicted_apf_speedup(alpha, gq, gp, c),
+                "predicted_speedup_with_verify_cost": predicted_apf_speedup(alpha, gq, gp, c, verify_ratio(gq + 1))}
 
     def take_turn(self, gen):
         pending, limit = gen.pending, gen.limit

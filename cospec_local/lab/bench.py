@@ -20,7 +20,7 @@ from dataclasses import replace
 import numpy as np
 
 from ..config import GenerationConfig
-from ..speedup import predicted_speedup, predicted_speedup_with_verify_cost  # noqa: F401 (the formulas, for tests)
+from ..speedup import predicted_speedup, predicted_speedup_with_verify_cost  # noqa: F401 (re-exported: tests use the formulas)
 
 # Disjoint from the prompts of models/make_corpus.py, whose outputs chose the default draft's vocabulary.
 BENCH_PROMPTS = [
@@ -267,8 +267,9 @@ def plot_report(report: dict, path: str) -> None:
         ax1.plot(ks, [modes[f"spec_k{k}"]["predicted_speedup"] for k in ks], "x--", label="formula")
         ax1.plot(ks, [modes[f"spec_k{k}"].get("predicted_speedup_with_verify_cost") for k in ks], "s:",
                  label="formula, measured verify cost")
-    if "spec" in modes:
-        ax1.axhline(modes["spec"]["speedup_median"], color="gray", ls=":", label="adaptive k")
+    adaptive = modes.get("spec")  # the report's column of spec with the adaptive draft length
+    if adaptive:
+        ax1.axhline(adaptive["speedup_median"], color="gray", ls=":", label="adaptive k")
     ax1.axhline(1.0, color="black", lw=0.5)
     ax1.set_xlabel("draft length k")
     ax1.set_ylabel(f"speedup over {baseline}")

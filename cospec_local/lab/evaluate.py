@@ -39,6 +39,29 @@ class ModeResult:
     t_arbiter: float = 0.0
     per_problem: list[bool] = field(default_factory=list)
 
+    def add(self, problem, result) -> None:
+        """Count one problem: a GenerationResult, or (the oracle) whether it was answered right."""
+        if isinstance(result, bool):
+            self.n += 1
+            self.correct += result
+            self.per_problem.append(result)
+            return
+        ok = check(problem.family, result.text, problem.answer)
+        s = result.stats
+        self.n += 1
+        self.correct += ok
+        self.per_problem.append(ok)
+        self.target_calls += s.model_calls.get("target", 0)
+        self.mismatches += s.n_mismatches
+        self.overrides += s.n_overrides
+        self.t_arbiter += s.t_arbiter
+        self.tokens += s.n_generated
+        self.t_decode += s.t_decode
+        self.drafted += s.n_drafted
+        self.accepted += s.n_accepted
+        self.cycles += s.n_cycles
+        self.model_calls += s.total_model_calls
+
     @property
     def accuracy(self) -> float:
         return self.correct / self.n if self.n else 0.0
@@ -104,39 +127,14 @@ def evaluate(
     `rule` = (tau, rho)) and `oracle` (`oracle_correct`; it has no speed figures)."""
     from tqdm import tqdm
 
-    from ..arbiter import ArbitratingVerifier, RulePolicy
-
     base = config or GenerationConfig(temperature=0.0, max_tokens=160, stop=TASK_STOP)
     if "rule" in modes and rule is None:
         raise ValueError("mode 'rule' needs its thresholds (tau, rho)")
     results = {mode: ModeResult(mode) for mode in modes}
     for problem in tqdm(problems, desc="eval", disable=not progress):
         for mode in modes:
-            m = results[mode]
-            if mode == "oracle":
-                ok = oracle_correct(pair, problem, base.max_tokens)
-                m.n += 1
-                m.correct += ok
-                m.per_problem.append(ok)
-                continue
-            if mode == "rule":
-                r = pair.generate(problem.prompt, base, mode="cospec", verifier=ArbitratingVerifier(RulePolicy(*rule)))
-            else:
-                r = pair.generate(problem.prompt, base, mode=mode)
-            ok = check(problem.family, r.text, problem.answer)
-            m.n += 1
-            m.correct += ok
-            m.per_problem.append(ok)
-            m.target_calls += r.stats.model_calls.get("target", 0)
-            m.mismatches += r.stats.n_mismatches
-            m.overrides += r.stats.n_overrides
-            m.t_arbiter += r.stats.t_arbiter
-            m.tokens += r.stats.n_generated
-            m.t_decode += r.stats.t_decode
-            m.drafted += r.stats.n_drafted
-            m.accepted += r.stats.n_accepted
-            m.cycles += r.stats.n_cycles
-            m.model_calls += r.stats.total_model_calls
+            run = LAB_RUNS.get(mode, _run_mode)
+            results[mode].add(problem, run(pair, problem, base.with_(mode=mode) if mode not in LAB_RUNS else base, rule))
     return {"modes": [results[m].as_dict() for m in modes], "n_problems": len(problems)}
 
 
@@ -174,3 +172,24 @@ def run_evaluation(pair, problems, modes, config: GenerationConfig, rule: tuple[
     report["rule"] = rule
     report["source"] = source
     return report
+
+
+def _run_mode(pair, problem, config: GenerationConfig, rule):
+    """A decoding mode (`config.mode`) on one problem."""
+    return pair.generate(problem.prompt, config)
+
+
+def _run_rule(pair, problem, config: GenerationConfig, rule):
+    """cospec with the fixed-threshold rule (tau, rho) as its arbiter."""
+    from ..arbiter import ArbitratingVerifier, RulePolicy
+
+    return pair.generate(problem.prompt, config, mode="cospec", verifier=ArbitratingVerifier(RulePolicy(*rule)))
+
+
+def _run_oracle(pair, problem, config: GenerationConfig, rule) -> bool:
+    """Whether the best single swap at a mismatch answers right (no speed figures)."""
+    return bool(oracle_correct(pair, problem, config.max_tokens))
+
+
+# The lab's own rows beside the decoding modes (LAB_MODES), by name.
+LAB_RUNS = {"rule": _run_rule, "oracle": _run_oracle}
