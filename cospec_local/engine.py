@@ -254,8 +254,7 @@ class Engine:
                     finish = "context"
                     break
                 gen.limit = room - 1 if mode.has_bonus_row else room  # cospec needs no bonus slot
-                for event in self._emit(gen, self._round(gen, mode, verifier), text):
-                    yield event
+                yield from self._emit(gen, self._round(gen, mode, verifier), text)
                 if gen.stopped:
                     finish = "stop"
                     break

@@ -93,7 +93,8 @@ class Mode:
     def score(self, gen) -> int:
         """The member with the fewest rows scores every pending token in one batch (plus the bonus
         row after them, except in cospec); returns its slot index."""
-        i = min(self.combination.members, key=lambda m: len(self.slots[m].rows))
+        members = self.combination.members
+        i = members[0] if len(members) == 1 else min(members, key=lambda m: len(self.slots[m].rows))
         t0 = time.perf_counter()
         rows = self.slots[i].score(gen.context, gen.pending, None if self.has_bonus_row else len(gen.pending))
         self.observe_score(len(rows), time.perf_counter() - t0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -73,6 +73,25 @@ class GenerationStats:
         """Decode time spent outside llama.cpp calls: Python work, sampling, bookkeeping."""
         return max(self.t_decode - sum(self.t_models.values()), 0.0)
 
+    def add(self, other: "GenerationStats") -> "GenerationStats":
+        """Add another generation's counts and times to these (totals over many generations are
+        GenerationStats too, so every derived figure has one definition); returns self."""
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(mine, list):
+                mine.extend(theirs)
+            elif isinstance(mine, dict):
+                for key, value in theirs.items():
+                    mine[key] = mine.get(key, 0) + value
+            elif isinstance(mine, (int, float)):
+                setattr(self, f.name, mine + theirs)
+        return self
+
+    @property
+    def target_calls_per_token(self) -> float:
+        """Target calls per generated token (CoSpec's cost, what its reward charges)."""
+        return self.model_calls.get("target", 0) / self.n_generated if self.n_generated else 0.0
+
     def count_verification(self, n_verified: int, verdict) -> None:
         """Count one verification of `n_verified` proposed tokens (0: a plain step)."""
         self.n_mismatches += verdict.mismatches
@@ -87,20 +106,24 @@ class GenerationStats:
         else:
             self.n_target_steps += 1
 
+    def summary(self) -> dict:
+        """The derived figures, the one place each is defined (reports, the CLI, the server)."""
+        return {
+            "acceptance_rate": self.acceptance_rate,
+            "mean_accepted_length": self.mean_accepted_length,
+            "tokens_per_second": self.tokens_per_second,
+            "t_draft": self.t_draft,
+            "t_target": self.t_target,
+            "total_model_calls": self.total_model_calls,
+            "model_calls_per_token": self.model_calls_per_token,
+            "target_calls_per_token": self.target_calls_per_token,
+            "t_overhead": self.t_overhead,
+            "overhead_share": self.t_overhead / self.t_decode if self.t_decode else 0.0,
+            "outside_llama_per_token": self.outside_llama_per_token,
+        }
+
     def as_dict(self) -> dict:
+        """Every count and time, and the summary: JSON-ready."""
         d = {k: v for k, v in self.__dict__.items() if k not in ("accepted_lengths", "draft_lengths")}
-        d.update(
-            acceptance_rate=self.acceptance_rate,
-            mean_accepted_length=self.mean_accepted_length,
-            tokens_per_second=self.tokens_per_second,
-            t_draft=self.t_draft,
-            t_target=self.t_target,
-            total_model_calls=self.total_model_calls,
-            model_calls_per_token=self.model_calls_per_token,
-            t_overhead=self.t_overhead,
-            overhead_share=self.t_overhead / self.t_decode if self.t_decode else 0.0,
-            outside_llama_per_token=self.outside_llama_per_token,
-            accepted_lengths=list(self.accepted_lengths),
-            draft_lengths=list(self.draft_lengths),
-        )
+        d.update(self.summary(), accepted_lengths=list(self.accepted_lengths), draft_lengths=list(self.draft_lengths))
         return d

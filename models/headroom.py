@@ -12,7 +12,8 @@ import json
 import os
 from pathlib import Path
 
-from cospec_local.lab.testworld.headroom import decode_cost_ms, measure_headroom
+from cospec_local.lab.probes import decode_cost_ms
+from cospec_local.lab.testworld.headroom import measure_headroom
 from cospec_local.lab.testworld.tasks import FAMILIES
 
 DEFAULT_FAMILY_DIR = Path(__file__).resolve().parent / "family"

@@ -9,13 +9,8 @@ import numpy as np
 
 from cospec_local.backend import LlamaModel, LoadOptions
 from cospec_local.lab.testworld.gguf_export import EOS_ID, CharVocab  # noqa: E402
-from cospec_local.lab.testworld.headroom import (  # noqa: E402
-    MAX_NEW_TOKENS,
-    evaluate_problem,
-    first_disagreement,
-    greedy_continue,
-    load_family_pair,
-)
+from cospec_local.lab.probes import first_disagreement  # noqa: E402
+from cospec_local.lab.testworld.headroom import MAX_NEW_TOKENS, evaluate_problem, greedy_continue, load_family_pair  # noqa: E402
 from cospec_local.lab.testworld.tasks import FAMILIES, check, problems  # noqa: E402
 
 FAMILY_DIR = Path(__file__).resolve().parents[1] / "models" / "family"

@@ -14,13 +14,14 @@ ratio c, and the speedup in model calls per token (machine-independent):
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import replace
 
 import numpy as np
 
 from ..config import GenerationConfig
 from ..speedup import predicted_speedup, predicted_speedup_with_verify_cost  # noqa: F401 (re-exported: tests use the formulas)
+from ..stats import GenerationStats
+from .probes import measure_costs
 
 # Disjoint from the prompts of models/make_corpus.py, whose outputs chose the default draft's vocabulary.
 BENCH_PROMPTS = [
@@ -63,42 +64,6 @@ PROMPT_SETS = {"open": BENCH_PROMPTS, "grounded": GROUNDED_PROMPTS}
 DRAFT_SOURCE_MODES = ("ngram", "ngram+model")
 
 
-def measure_costs(pair, repeats: int = 30, max_rows: int = 9, prompt: str = BENCH_PROMPTS[0]) -> dict:
-    """Median time of a one-token call of each model after a short prefix, and the target's
-    verification call time for 1..max_rows logit rows (interleaved, so drift hits both alike)."""
-    target = pair.engine.slot("target")
-    others = [slot for slot in pair.engine.slots if slot is not target]
-    prefix = pair.tokenize(prompt)
-    filler = (prefix[1:] * (max_rows // max(len(prefix) - 1, 1) + 2))[:max_rows]
-    pair.engine.reset()
-    for slot in pair.engine.slots:
-        slot.model.eval(slot.to_model(prefix), 0)
-    t_rows = {n: [] for n in range(1, max_rows + 1)}
-    t_others = {slot.name: [] for slot in others}
-    for _ in range(repeats):
-        for n in t_rows:
-            t0 = time.perf_counter()
-            target.model.eval(filler[:n], n)
-            t_rows[n].append(time.perf_counter() - t0)
-            target.model.rollback(len(prefix))
-        for slot in others:
-            t0 = time.perf_counter()
-            slot.model.eval(slot.to_model(filler[:1]), 1)
-            t_others[slot.name].append(time.perf_counter() - t0)
-            slot.model.rollback(len(prefix))
-    pair.engine.reset()
-    target_ms = statistics.median(t_rows[1]) * 1e3
-    costs = {
-        "target_call_ms": target_ms,
-        "call_ms": {name: statistics.median(v) * 1e3 for name, v in t_others.items()},
-        "verify_ms_by_rows": {n: statistics.median(v) * 1e3 for n, v in t_rows.items()},
-    }
-    if "draft" in costs["call_ms"]:
-        costs["draft_call_ms"] = costs["call_ms"]["draft"]
-        costs["c"] = costs["draft_call_ms"] / target_ms
-    return costs
-
-
 def verify_ratio(costs: dict, n_rows: float) -> float:
     """Measured verification cost of `n_rows` logit rows over one single-token target call
     (linear interpolation between the measured row counts)."""
@@ -108,23 +73,14 @@ def verify_ratio(costs: dict, n_rows: float) -> float:
 
 
 def _run(pair, config: GenerationConfig, prompts, max_tokens: int) -> dict:
-    """Run every prompt once from a cold cache; sum the counts and times."""
-    out = {"tokens": 0, "t_decode": 0.0, "t_overhead": 0.0, "t_outside_llama": 0.0, "target_steps": 0, "calls": 0,
-           "accepted": [], "drafted": [], "outputs": []}
+    """Run every prompt once from a cold cache: the summed statistics and the outputs."""
+    total, outputs = GenerationStats(), []
     for prompt in prompts:
         pair.engine.reset()  # every run starts cold: no KV reuse between modes
         r = pair.generate(prompt, config, max_tokens=max_tokens)
-        s = r.stats
-        out["tokens"] += s.n_generated
-        out["t_decode"] += s.t_decode
-        out["t_overhead"] += s.t_overhead
-        out["t_outside_llama"] += max(s.t_prefill + s.t_decode - s.t_llama, 0.0)
-        out["target_steps"] += s.n_target_steps
-        out["calls"] += s.total_model_calls
-        out["accepted"] += s.accepted_lengths
-        out["drafted"] += s.draft_lengths
-        out["outputs"].append(r.tokens)
-    return out
+        total.add(r.stats)
+        outputs.append(r.tokens)
+    return {"stats": total, "outputs": outputs}
 
 
 def run_bench(
@@ -187,33 +143,33 @@ def run_bench(
 
 
 def _tok_s(t: dict) -> float:
-    return t["tokens"] / t["t_decode"]
+    return t["stats"].tokens_per_second
 
 
 def _calls_per_token(t: dict) -> float:
-    return t["calls"] / t["tokens"] if t["tokens"] else 0.0
+    return t["stats"].model_calls_per_token
 
 
 def _outside_us(t: dict) -> float:
-    return 1e6 * t["t_outside_llama"] / t["tokens"] if t["tokens"] else 0.0
+    return 1e6 * t["stats"].outside_llama_per_token
 
 
 def _mode_report(pair, cfg: GenerationConfig, mode_runs: list[dict], report: dict, costs: dict) -> dict:
     """One mode's figures against the baseline's runs (same repetitions), with the mode's own
     prediction from the measured acceptance and costs."""
     baseline = report["baseline"]
-    base_runs = [t for t in report["modes"][baseline]["tok_s"]]
+    base_speeds = report["modes"][baseline]["tok_s"]
     speeds = [_tok_s(t) for t in mode_runs]
-    ratios = [s / b for s, b in zip(speeds, base_runs)]
-    accepted = [n for t in mode_runs for n in t["accepted"]]
-    drafted = [n for t in mode_runs for n in t["drafted"]]
+    ratios = [s / b for s, b in zip(speeds, base_speeds)]
+    accepted = [n for t in mode_runs for n in t["stats"].accepted_lengths]
+    drafted = [n for t in mode_runs for n in t["stats"].draft_lengths]
     cycles = len(drafted)
     # alpha: maximum-likelihood per-token acceptance; each cycle gives its accepted tokens as
     # successes and one failure if it stopped at a rejection.
     rejections = sum(1 for a, d in zip(accepted, drafted) if a < d)
     alpha = sum(accepted) / (sum(accepted) + rejections) if cycles else 0.0
     gamma = sum(drafted) / cycles if cycles else 0.0
-    t_decode = sum(t["t_decode"] for t in mode_runs)
+    t_decode = sum(t["stats"].t_decode for t in mode_runs)
     cpt = statistics.median(_calls_per_token(t) for t in mode_runs)
     m = {
         "tok_s_median": statistics.median(speeds),
@@ -226,9 +182,9 @@ def _mode_report(pair, cfg: GenerationConfig, mode_runs: list[dict], report: dic
         "alpha": alpha,
         "mean_draft_length": gamma,
         "mean_accepted_length": float(np.mean(accepted)) if accepted else 0.0,
-        "target_steps": sum(t["target_steps"] for t in mode_runs),
+        "target_steps": sum(t["stats"].n_target_steps for t in mode_runs),
         "cycles": cycles,
-        "python_overhead_share": sum(t["t_overhead"] for t in mode_runs) / t_decode if t_decode else 0.0,
+        "python_overhead_share": sum(t["stats"].t_overhead for t in mode_runs) / t_decode if t_decode else 0.0,
         "outside_llama_us_per_token": statistics.median(_outside_us(t) for t in mode_runs),
         "accepted_length_histogram": np.bincount(accepted).tolist() if accepted else [],
         f"greedy_output_identical_to_{baseline}": (all(t["outputs"] == b for t, b in zip(mode_runs, report["baseline_outputs"]))

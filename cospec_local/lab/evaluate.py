@@ -11,9 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import GenerationConfig
+from ..stats import GenerationStats
 from ..modes import mode_class
 from .stats import wilson_interval
-from .testworld.headroom import first_disagreement, greedy_continue
+from .probes import first_disagreement
+from .testworld.headroom import greedy_continue
 from .testworld.tasks import TASK_STOP, check
 
 # The lab's own modes besides the decoding modes: cospec arbitrated by the fixed-threshold rule,
@@ -22,45 +24,25 @@ LAB_MODES = ("rule", "oracle")
 
 @dataclass
 class ModeResult:
-    """Totals for one decoding mode over all problems."""
+    """Totals for one decoding mode over all problems: answers, and the generations' statistics
+    summed (`GenerationStats.add`; the oracle has none)."""
 
     mode: str
     n: int = 0
     correct: int = 0
-    tokens: int = 0
-    t_decode: float = 0.0
-    drafted: int = 0
-    accepted: int = 0
-    cycles: int = 0
-    model_calls: int = 0
-    target_calls: int = 0
-    mismatches: int = 0
-    overrides: int = 0
-    t_arbiter: float = 0.0
     per_problem: list[bool] = field(default_factory=list)
+    stats: GenerationStats = field(default_factory=GenerationStats)
 
     def add(self, problem, result) -> None:
         """Count one problem: a GenerationResult, or (the oracle) whether it was answered right."""
         if isinstance(result, bool):
-            self.n += 1
-            self.correct += result
-            self.per_problem.append(result)
-            return
-        ok = check(problem.family, result.text, problem.answer)
-        s = result.stats
+            ok = result
+        else:
+            ok = check(problem.family, result.text, problem.answer)
+            self.stats.add(result.stats)
         self.n += 1
         self.correct += ok
         self.per_problem.append(ok)
-        self.target_calls += s.model_calls.get("target", 0)
-        self.mismatches += s.n_mismatches
-        self.overrides += s.n_overrides
-        self.t_arbiter += s.t_arbiter
-        self.tokens += s.n_generated
-        self.t_decode += s.t_decode
-        self.drafted += s.n_drafted
-        self.accepted += s.n_accepted
-        self.cycles += s.n_cycles
-        self.model_calls += s.total_model_calls
 
     @property
     def accuracy(self) -> float:
@@ -68,21 +50,22 @@ class ModeResult:
 
     def as_dict(self) -> dict:
         lo, hi = wilson_interval(self.correct, self.n)
+        s = self.stats
         return {
             "mode": self.mode,
             "n": self.n,
             "correct": self.correct,
             "accuracy": self.accuracy,
             "ci95": [lo, hi],
-            "tokens_per_second": self.tokens / self.t_decode if self.t_decode else 0.0,
-            "acceptance_rate": self.accepted / self.drafted if self.drafted else None,
-            "mean_accepted_length": self.accepted / self.cycles if self.cycles else None,
-            "model_calls_per_token": self.model_calls / self.tokens if self.tokens else 0.0,
-            "target_calls_per_token": self.target_calls / self.tokens if self.tokens else 0.0,
-            "mismatches": self.mismatches,
-            "arbiter_share_of_decode": self.t_arbiter / self.t_decode if self.t_decode else 0.0,
-            "overrides": self.overrides,
-            "tokens": self.tokens,
+            "tokens_per_second": s.tokens_per_second,
+            "acceptance_rate": s.acceptance_rate if s.n_drafted else None,
+            "mean_accepted_length": s.mean_accepted_length if s.n_cycles else None,
+            "model_calls_per_token": s.model_calls_per_token,
+            "target_calls_per_token": s.target_calls_per_token,
+            "mismatches": s.n_mismatches,
+            "arbiter_share_of_decode": s.t_arbiter / s.t_decode if s.t_decode else 0.0,
+            "overrides": s.n_overrides,
+            "tokens": s.n_generated,
             "per_problem": list(self.per_problem),
         }
 

@@ -29,8 +29,9 @@ def usage(stats) -> dict:
 
 def extension(stats, config: GenerationConfig) -> dict:
     """cospec-local's own figures for the reply (an extra field clients ignore)."""
-    return {"mode": config.mode, "tokens_per_second": round(stats.tokens_per_second, 2),
-            "acceptance_rate": round(stats.acceptance_rate, 4), "model_calls_per_token": round(stats.model_calls_per_token, 4),
+    summary = stats.summary()
+    return {"mode": config.mode, "tokens_per_second": round(summary["tokens_per_second"], 2),
+            "acceptance_rate": round(summary["acceptance_rate"], 4), "model_calls_per_token": round(summary["model_calls_per_token"], 4),
             "n_prompt_cached": stats.n_prompt_cached, "n_overrides": stats.n_overrides}
 
 

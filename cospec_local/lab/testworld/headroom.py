@@ -8,22 +8,18 @@ For each held-out problem:
    oracle is correct when the target-only answer or this swapped continuation is correct: an upper
    bound for a policy that arbitrates only the first disagreement.
 
-Also measures the per-token decode cost of a model in llama.cpp (`decode_cost_ms`).
 Decoding goes through the engine (`Pair.generate` in target or draft mode); the draft's choices
-along the target's completion come from its slot's `score` (one batch of rows per run of tokens).
+along the target's completion come from `probes.first_disagreement` (its slot's `score`, one batch
+of rows per run of tokens), and a model's per-token cost from `probes.decode_cost_ms`.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-
 from cospec_local.api import Pair, load_pair
-from cospec_local.backend import LlamaModel, LoadOptions
+from cospec_local.lab.probes import first_disagreement
 from cospec_local.lab.stats import wilson_interval
 from cospec_local.lab.testworld.gguf_export import EOS_ID, CharVocab
 from cospec_local.lab.testworld.tasks import Problem, check, problems
@@ -40,29 +36,6 @@ def greedy_continue(pair: Pair, prefix_ids: list[int], max_new: int = MAX_NEW_TO
     """Greedy decoding by one model of the pair (`mode` 'target' or 'draft'): new tokens after
     `prefix_ids`, EOS excluded."""
     return pair.generate(prefix_ids, mode=mode, temperature=0, max_tokens=max_new).tokens
-
-
-def first_disagreement(pair: Pair, prompt_ids: list[int], reference_ids: list[int], slot_name: str = "draft",
-                       eos_id: int = EOS_ID) -> tuple[int, int] | None:
-    """(position, model's token) of the first place where the slot's greedy choice differs from
-    `reference_ids` (a completion of `prompt_ids` that ends with an implicit EOS); None if it never does."""
-    slot = pair.engine.slot(slot_name)
-    run = reference_ids + [eos_id]
-    slot.prepare(prompt_ids)
-    slot.prefill(prompt_ids)
-    try:
-        step = slot.model.exact_batch  # rows come in exact-size batches
-        for start in range(0, len(run), step):
-            end = min(start + step, len(run))
-            slot.score(prompt_ids, run[: end - 1])  # rows for positions start..end-1
-            for position in range(start, end):
-                token = slot.to_shared(int(np.argmax(slot.rows[position])))
-                if token != run[position]:
-                    return position, token
-        return None
-    finally:
-        slot.clear_rows()
-        slot.rollback(len(prompt_ids))
 
 
 @dataclass
@@ -145,20 +118,3 @@ def measure_headroom(target_path: str | Path, draft_path: str | Path, family: st
         target_interval=wilson_interval(target_hits, n),
         oracle_interval=wilson_interval(oracle_hits, n),
     )
-
-
-def decode_cost_ms(path: str | Path, n_threads: int = 2, n_steps: int = 200, repeats: int = 5) -> float:
-    """Median over `repeats` of the mean time (ms) of one single-token decode with last-row
-    logits, after a 20-token prompt."""
-    model = LlamaModel(path, LoadOptions(n_ctx=512, n_threads=n_threads))
-    prompt = CharVocab().encode("Q: 4571+3689=?\n1+9+")
-    means = []
-    for _ in range(repeats):
-        model.reset()
-        model.eval(prompt, 0)  # fills the KV cache for positions 0..19
-        started = time.perf_counter()
-        for step in range(n_steps):
-            model.eval([prompt[1 + step % (len(prompt) - 1)]], 1)
-        means.append((time.perf_counter() - started) * 1e3 / n_steps)
-    model.close()
-    return statistics.median(means)
