@@ -137,7 +137,8 @@ class Spec(Mode):
 
     @classmethod
     def needs_draft(cls, config):
-        return config.draft_source != "ngram"
+        # The chain (ngram+model) runs its n-gram half alone when no draft was loaded.
+        return config.draft_source == "model"
 
     @classmethod
     def without_draft(cls, config):
@@ -162,8 +163,10 @@ class Spec(Mode):
         if config.draft_source != "model":
             self.ngram = NgramProposer(conversation.ngram_index, conversation.ngram_pool)
             self.ngram_lengths = conversation.ngram_length_policy if self.draft_lengths is not None else None
-        if config.draft_source != "ngram":
-            draft = _draft_index(engine, "mode 'spec' needs a draft model (or --draft-source ngram)")
+        if self.needs_draft(config):
+            _draft_index(engine, "mode 'spec' with --draft-source model needs a draft model (or --draft-source ngram+model or ngram)")
+        draft = engine.index.get("draft")
+        if config.draft_source != "ngram" and draft is not None:
             self.model = ModelProposer(draft, engine.slots[draft], stops_when_unsure=True, windowed=True,
                                        length_policy=self.draft_lengths)
             self.active = (draft, target)

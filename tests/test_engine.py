@@ -26,7 +26,7 @@ def target_refs(tiny_target):
 def test_self_draft_accepts_everything_and_matches_target(tiny_target, target_refs, k):
     with load_pair(tiny_target, tiny_target, n_ctx=512, n_threads=1) as pair:
         for prompt in PROMPTS:
-            out = greedy(pair, prompt, mode="spec", draft_max=k, adaptive=False, max_tokens=40)
+            out = greedy(pair, prompt, mode="spec", draft_source="model", draft_max=k, adaptive=False, max_tokens=40)
             assert out.tokens == target_refs[prompt]
             assert out.stats.acceptance_rate == 1.0
             assert out.stats.n_drafted > 0
@@ -37,7 +37,7 @@ def test_self_draft_accepts_everything_and_matches_target(tiny_target, target_re
 def test_unrelated_draft_still_matches_target(tiny_target, tiny_other, target_refs, k):
     with load_pair(tiny_other, tiny_target, n_ctx=512, n_threads=1) as pair:
         for prompt in PROMPTS:
-            out = greedy(pair, prompt, mode="spec", draft_max=k, adaptive=False, draft_p_min=0.0, max_tokens=40)
+            out = greedy(pair, prompt, mode="spec", draft_source="model", draft_max=k, adaptive=False, draft_p_min=0.0, max_tokens=40)
             assert out.tokens == target_refs[prompt]
             assert out.stats.n_drafted > 0
             assert out.stats.acceptance_rate < 0.5  # the premise: mostly rejected
@@ -47,24 +47,24 @@ def test_unrelated_draft_still_matches_target(tiny_target, tiny_other, target_re
 def test_adaptive_mode_matches_target_and_backs_off(tiny_target, tiny_other):
     with load_pair(tiny_other, tiny_target, n_ctx=1024, n_threads=1) as pair:
         ref = greedy(pair, PROMPTS[0], mode="target", max_tokens=200)
-        out = greedy(pair, PROMPTS[0], mode="spec", draft_p_min=0.0, max_tokens=200)
+        out = greedy(pair, PROMPTS[0], mode="spec", draft_source="model", draft_p_min=0.0, max_tokens=200)
         assert out.tokens == ref.tokens
         # With a useless draft the policy falls back to plain target steps most of the time,
         # and its rare probes restart the draft on a short recent window instead of catching up.
         assert out.stats.n_target_steps > out.stats.n_cycles
         assert pair.engine.slot("draft").offset > 0
         # The next call reuses the cache and stays identical to the target alone.
-        again = greedy(pair, PROMPTS[0], mode="spec", draft_p_min=0.0, max_tokens=200)
+        again = greedy(pair, PROMPTS[0], mode="spec", draft_source="model", draft_p_min=0.0, max_tokens=200)
         assert again.tokens == ref.tokens
 
 
 def test_consecutive_calls_reuse_cache_and_stay_identical(tiny_target, tiny_other):
     with load_pair(tiny_other, tiny_target, n_ctx=512, n_threads=1) as pair:
-        first = greedy(pair, PROMPTS[0], mode="spec", draft_max=4, max_tokens=30)
+        first = greedy(pair, PROMPTS[0], mode="spec", draft_source="model", draft_max=4, max_tokens=30)
         # Continue from the committed context: a prompt that extends the previous one.
         cont_prompt = pair.tokenize(PROMPTS[0]) + first.tokens
         cached = pair.target.n_past
-        cont = greedy(pair, cont_prompt, mode="spec", draft_max=4, max_tokens=30)
+        cont = greedy(pair, cont_prompt, mode="spec", draft_source="model", draft_max=4, max_tokens=30)
         # Everything the target had cached is reused; only the uncached tail of the prompt is new.
         assert cached >= len(cont_prompt) - 2
         assert cont.stats.n_prompt_cached == cached
@@ -351,7 +351,8 @@ def test_a_verifier_reads_every_slots_rows_in_greedy_mode(tmp_path, tiny_target,
         ref = greedy(pair, PROMPTS[0], mode="target", max_tokens=30)
         recorder = RecordingGreedyVerifier()
         out = pair.generate(
-            PROMPTS[0], verifier=recorder, temperature=0, draft_max=4, adaptive=False, draft_p_min=0.0, max_tokens=30
+            PROMPTS[0], verifier=recorder, temperature=0, draft_max=4, adaptive=False, draft_p_min=0.0, max_tokens=30,
+            draft_source="model",
         )
         assert out.tokens == ref.tokens
         assert len(recorder.seen) == out.stats.n_drafted > 0
@@ -376,7 +377,12 @@ def test_bad_input_raises_when_the_stream_is_created(tiny_target, tiny_other):
             pair.stream("hello", mode="bogus")
     with load_pair(None, tiny_target, n_ctx=256, n_threads=1) as alone:
         with pytest.raises(ValueError, match="needs a draft"):
-            alone.stream("hello", mode="spec")
+            alone.stream("hello", mode="spec", draft_source="model")
+        with pytest.raises(ValueError, match="needs a draft"):
+            alone.stream("hello", mode="cospec")
+        # The default proposer chain runs its n-gram half alone, token for token target-only.
+        chained = alone.generate("hello hello hello", temperature=0, max_tokens=40)
+        assert chained.tokens == alone.generate("hello hello hello", temperature=0, max_tokens=40, mode="target").tokens
 
 
 def test_a_second_concurrent_stream_is_refused_and_the_first_survives(tiny_target, tiny_other):
@@ -428,7 +434,7 @@ def test_provenance_names_the_slot_and_how(tiny_target, tiny_other):
     collab: every token is sampled from r over both models."""
     with load_pair(tiny_other, tiny_target, n_ctx=512, n_threads=1) as pair:
         events = [e for e in pair.stream(PROMPTS[0], temperature=0, max_tokens=40, draft_max=4, adaptive=False,
-                                         draft_p_min=0.0) if getattr(e, "token", -1) >= 0]
+                                         draft_p_min=0.0, draft_source="model") if getattr(e, "token", -1) >= 0]
         kinds = {(e.source, e.slot) for e in events}
         assert kinds <= {(ACCEPTED, "draft"), (CORRECTION, "target"), (BONUS, "target")}
         assert (CORRECTION, "target") in kinds

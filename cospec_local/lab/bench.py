@@ -60,8 +60,8 @@ GROUNDED_PROMPTS = [
     "| 1 | 1 | 1 |\n| 2 | 4 | 8 |\n| 3 | 9 | 27 |\n| 4 | 16 | 64 |\n|",
 ]
 PROMPT_SETS = {"open": BENCH_PROMPTS, "grounded": GROUNDED_PROMPTS}
-# Bench names for spec mode with an n-gram proposer (the name is the --draft-source).
-DRAFT_SOURCE_MODES = ("ngram", "ngram+model")
+# Bench names for spec mode with a given proposer (the name is the --draft-source).
+DRAFT_SOURCE_MODES = ("model", "ngram", "ngram+model")
 
 
 def verify_ratio(costs: dict, n_rows: float) -> float:
