@@ -36,7 +36,7 @@ from .speedup import (
 from .combine import Combination, Contrastive, Single, WeightedEnsemble
 from .config import MODES as MODE_NAMES
 from .config import GenerationConfig
-from .proposers import ModelProposer, NgramProposer
+from .proposers import ModelProposer, NgramProposer, Proposer
 from .verify import StandardVerifier, Verifier
 
 
@@ -157,29 +157,32 @@ class Spec(Mode):
 
     def __init__(self, engine, config, conversation):
         super().__init__(engine, config, conversation)
-        target = engine.target_index
-        self.draft_lengths = conversation.draft_length_policy if config.adaptive else None  # the model draft's
-        self.ngram = self.ngram_lengths = self.model = None
-        if config.draft_source != "model":
-            self.ngram = NgramProposer(conversation.ngram_index, conversation.ngram_pool)
-            self.ngram_lengths = conversation.ngram_length_policy if self.draft_lengths is not None else None
         if self.needs_draft(config):
             _draft_index(engine, "mode 'spec' with --draft-source model needs a draft model (or --draft-source ngram+model or ngram)")
+        adaptive = config.adaptive
+        # The chain, in order of preference when two proposers promise as much.
+        self.proposers: list[Proposer] = []
+        self.model: ModelProposer | None = None
+        if config.draft_source != "model":
+            self.proposers.append(NgramProposer(conversation.ngram_index, conversation.ngram_pool,
+                                                conversation.ngram_length_policy if adaptive else None))
         draft = engine.index.get("draft")
         if config.draft_source != "ngram" and draft is not None:
             self.model = ModelProposer(draft, engine.slots[draft], stops_when_unsure=True, windowed=True,
-                                       length_policy=self.draft_lengths)
-            self.active = (draft, target)
-        self._k: int | None = None  # this round's proposal length (0: a target step)
-        self._cycle_lengths = None  # the draft-length policy of the proposer that drafted this round
+                                       length_policy=conversation.draft_length_policy if adaptive else None)
+            self.proposers.append(self.model)
+            self.active = (draft, engine.target_index)
+        self._drafted_by: Proposer | None = None  # this round's proposer (None: a plain target step)
+        self._k = 0  # how many tokens it proposed
 
     def start(self):
-        if self.ngram is not None:  # whether the output repeats its context depends on the prompt
-            self.conversation.ngram_length_policy.new_input()
+        for proposer in self.proposers:
+            proposer.start()
 
     def prefills_lazily(self, index):
         # The draft skips the prompt while measurements say drafting loses; a probe then feeds it a window.
-        return self.model is not None and index == self.model.index and self.draft_lengths is not None and self.draft_lengths.drafting_loses
+        lengths = self.model.length_policy if self.model is not None and index == self.model.index else None
+        return lengths is not None and lengths.drafting_loses
 
     def take_turn(self, gen):
         if not gen.pending and gen.limit > 0 and self._draft(gen):
@@ -189,43 +192,44 @@ class Spec(Mode):
     def _draft(self, gen) -> bool:
         """The proposer chain: each proposer offers a proposal (the n-gram lookup: its match; the
         draft model: the length its policy chooses, 0 when target steps win) and the one with the
-        most expected emitted tokens per second of its cycle drafts (with fixed lengths,
-        --no-adaptive: the n-gram lookup when it has a match). None: a plain target step."""
+        most expected emitted tokens per second of its cycle drafts; with fixed lengths
+        (--no-adaptive) the first with an offer. False: a plain target step."""
         cap = min(self.config.draft_max, gen.limit)
-        found: list[int] = []
-        if self.ngram is not None:
-            found = self.ngram.lookup(gen, cap if self.ngram_lengths is None else self.ngram_lengths.choose(cap))
-        k = 0
-        if self.model is not None and (not found or self.draft_lengths is not None):
-            k = cap if self.draft_lengths is None else self.draft_lengths.choose(cap)
-        if found and (not k or self.draft_lengths is None
-                      or self.ngram_lengths.expected_tokens_per_second(len(found))
-                      >= self.draft_lengths.expected_tokens_per_second(k)):
-            self._k, self._cycle_lengths = self.ngram.propose(gen, len(found), found), self.ngram_lengths
-            return True
-        if self.draft_lengths is not None:
-            self._k = k
-        if not k:
+        best, best_n, best_rate = None, 0, -1.0
+        for proposer in self.proposers:
+            n = proposer.offer(gen, cap)
+            if n <= 0:
+                continue
+            if proposer.length_policy is None:
+                best, best_n = proposer, n
+                break
+            rate = proposer.length_policy.expected_tokens_per_second(n)
+            if rate > best_rate:
+                best, best_n, best_rate = proposer, n, rate
+        if best is None:
             return False
-        self.model.propose(gen, k)
+        self._drafted_by, self._k = best, best.propose(gen, best_n)
         return True
 
     def observe_score(self, n_rows, seconds):
-        # The target's call-time line: both policies verify with the same target.
-        for lengths in (self.draft_lengths, self.ngram_lengths):
-            if lengths is not None and n_rows:
-                lengths.observe_target(n_rows, seconds)
+        # The target's call-time line: every proposer's cycles are verified by the same target.
+        for proposer in self.proposers:
+            if proposer.length_policy is not None and n_rows:
+                proposer.length_policy.observe_target(n_rows, seconds)
 
     def observe(self, gen, n_verified, n_accepted, n_emitted):
-        cycle = self._cycle_lengths or self.draft_lengths
-        if cycle is not None:
-            if n_verified:
-                cycle.observe_acceptance(n_verified, n_accepted)
-            seconds = time.perf_counter() - gen.round_started
-            cycle.observe_cycle(self._k or 0, seconds, n_emitted)
-            if not self._k and self.ngram_lengths is not None and cycle is not self.ngram_lengths:
-                self.ngram_lengths.observe_cycle(0, seconds, n_emitted)  # target steps: both learn
-        self._k, self._cycle_lengths = None, None
+        seconds = time.perf_counter() - gen.round_started
+        if self._drafted_by is not None:  # its proposal's acceptance and the cycle's time per token
+            lengths = self._drafted_by.length_policy
+            if lengths is not None:
+                if n_verified:
+                    lengths.observe_acceptance(n_verified, n_accepted)
+                lengths.observe_cycle(self._k, seconds, n_emitted)
+        else:  # a plain target step: every proposer compares its drafting with it
+            for proposer in self.proposers:
+                if proposer.length_policy is not None:
+                    proposer.length_policy.observe_cycle(0, seconds, n_emitted)
+        self._drafted_by, self._k = None, 0
 
 
 class CoSpec(Mode):

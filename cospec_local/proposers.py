@@ -25,6 +25,15 @@ class Proposer:
 
     name = ""
     draws_from_model = False  # whether q is a model's distribution (CoSpec's features read it)
+    length_policy: AdaptiveDraftLength | None = None  # chooses this proposer's k (None: fixed, k = the cap)
+
+    def start(self) -> None:
+        """A new generation begins."""
+
+    def offer(self, generation, cap: int) -> int:
+        """How many tokens this proposer would draft now, at most `cap` (0: none): the cap, or what
+        its draft-length policy chooses (0 when plain target steps are faster)."""
+        return cap if self.length_policy is None else self.length_policy.choose(cap)
 
     def propose(self, generation, n: int) -> int:
         """Append up to n proposed tokens to `generation`'s pending tokens; return how many."""
@@ -88,9 +97,21 @@ class NgramProposer(Proposer):
 
     name = "ngram"
 
-    def __init__(self, index: NgramIndex, pool: SharedNgramPool | None = None):
+    def __init__(self, index: NgramIndex, pool: SharedNgramPool | None = None,
+                 length_policy: AdaptiveDraftLength | None = None):
         self.index = index
         self.pool = pool
+        self.length_policy = length_policy
+        self._offered: list[int] = []  # the match found by the last offer
+
+    def start(self) -> None:
+        # Whether the output repeats its context depends on the prompt: learn acceptance afresh.
+        if self.length_policy is not None:
+            self.length_policy.new_input()
+
+    def offer(self, generation, cap: int) -> int:
+        self._offered = self.lookup(generation, super().offer(generation, cap))
+        return len(self._offered)
 
     def lookup(self, generation, n: int) -> list[int]:
         """Up to n tokens the lookup would propose (nothing is appended): from the context, else
@@ -100,8 +121,9 @@ class NgramProposer(Proposer):
             found = self.pool.propose(generation.context, n)
         return found
 
-    def propose(self, generation, n: int, found: list[int] | None = None) -> int:
-        found = self.lookup(generation, n) if found is None else found[:n]
+    def propose(self, generation, n: int) -> int:
+        found = (self._offered or self.lookup(generation, n))[:n]
+        self._offered = []
         for token in found:
             generation.add_pending(token, self)
         return len(found)
