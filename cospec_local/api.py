@@ -19,7 +19,7 @@ from .chat import ChatTemplate
 from .config import GenerationConfig
 from .engine import DoneEvent, Engine, GenerationStats, TokenEvent
 from .slots import ModelSlot
-from .pair import PairReport, check_pair
+from .vocab import PairReport, check_pair
 from .verify import Verifier
 
 

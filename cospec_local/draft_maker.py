@@ -22,7 +22,7 @@ import numpy as np
 
 from .backend import LlamaModel, LoadOptions, check_gguf_file
 from .errors import CospecError
-from .pair import DRAFT_TO_TARGET_KEY, SOURCE_VOCAB_KEY
+from .vocab import DRAFT_TO_TARGET_KEY, SOURCE_VOCAB_KEY
 
 # gguf token types
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

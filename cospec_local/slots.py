@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from .pair import TokenMap
+from .vocab import TokenMap
 from .sampling import SamplingParams, logits_to_probs, sample
 
 

@@ -165,7 +165,8 @@ def test_context_overflow_is_reported(tiny_target):
 def test_bench_command(tmp_path, tiny_target, tiny_other):
     """`bench` writes its JSON report and plot; the report's predictions are the formulas applied
     to its own measured costs and acceptance, and greedy speculative output equals the target's."""
-    from cospec_local.lab.bench import predicted_speedup, predicted_speedup_with_verify_cost, verify_ratio
+    from cospec_local.lab.bench import verify_ratio
+    from cospec_local.speedup import predicted_speedup, predicted_speedup_with_verify_cost
 
     out = tmp_path / "bench.json"
     png = tmp_path / "bench.png"
@@ -197,7 +198,8 @@ def test_bench_command(tmp_path, tiny_target, tiny_other):
 
 def test_speedup_formulas():
     """The speedup formulas against hand-computed values."""
-    from cospec_local.lab.bench import predicted_speedup, predicted_speedup_with_verify_cost, verify_ratio
+    from cospec_local.lab.bench import verify_ratio
+    from cospec_local.speedup import predicted_speedup, predicted_speedup_with_verify_cost
 
     assert predicted_speedup(1.0, 4, 0.0) == 5.0  # every draft token accepted, free draft
     assert predicted_speedup(0.0, 4, 0.25) == 0.5  # nothing accepted: one token for 2 call-times
@@ -311,7 +313,8 @@ def test_chat_on_a_terminal_ctrl_c_at_the_prompt_clears_the_line():
 def test_bench_ngram_modes_predict_with_a_free_draft(tmp_path):
     """`bench --modes ngram,ngram+model`: spec mode with those draft sources, greedy output equal
     to the target's, the n-gram prediction made with c = 0, and the plot has every mode."""
-    from cospec_local.lab.bench import predicted_speedup, predicted_speedup_with_verify_cost, verify_ratio
+    from cospec_local.lab.bench import verify_ratio
+    from cospec_local.speedup import predicted_speedup, predicted_speedup_with_verify_cost
 
     out, png = tmp_path / "b.json", tmp_path / "b.png"
     r = run("bench", *models(FAMILY / "draft.gguf", FAMILY / "target.gguf"), "--family", "add", "--num-prompts", 2,

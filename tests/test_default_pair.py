@@ -107,7 +107,7 @@ def test_trimmed_draft_is_measurably_cheaper_per_call(default_pair_paths):
     import statistics
     import time
 
-    from cospec_local.pair import TokenMap, read_draft_map
+    from cospec_local.vocab import TokenMap, read_draft_map
 
     draft_path, target_path = default_pair_paths
     with LlamaModel(target_path, LoadOptions(n_ctx=256, n_threads=2)) as target, \

@@ -16,7 +16,6 @@ import pytest
 from cospec_local import load_pair
 from cospec_local.backend import LlamaModel, LoadOptions, check_gguf_file
 from cospec_local.errors import IncompatiblePairError, ModelLoadError
-from cospec_local.pair import check_pair
 from families import FAMILIES, N_PAD, build_chat_family, build_family, tokenizer_vectors, vocab_path
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import pytest
 from cospec_local import IncompatiblePairError, ModelLoadError, load_pair
 from cospec_local.backend import LlamaModel, LoadOptions
 from cospec_local.draft_maker import make_draft
-from cospec_local.pair import TokenMap
+from cospec_local.vocab import TokenMap
 from cospec_local.lab.testworld.gguf_export import make_random_llama_gguf
 from gguf_util import copy_gguf_with
 

@@ -19,7 +19,6 @@ from dataclasses import replace
 import numpy as np
 
 from ..config import GenerationConfig
-from ..speedup import predicted_speedup, predicted_speedup_with_verify_cost  # noqa: F401 (re-exported: tests use the formulas)
 from ..stats import GenerationStats
 from .probes import measure_costs
 

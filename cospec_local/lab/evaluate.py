@@ -14,8 +14,7 @@ from ..config import GenerationConfig
 from ..stats import GenerationStats
 from ..modes import mode_class
 from .stats import wilson_interval
-from .probes import first_disagreement
-from .testworld.headroom import greedy_continue
+from .testworld.headroom import greedy_continue, swap_at_first_disagreement
 from .testworld.tasks import TASK_STOP, check
 
 # The lab's own modes besides the decoding modes: cospec arbitrated by the fixed-threshold rule,
@@ -80,19 +79,10 @@ def oracle_correct(pair, problem, max_tokens: int) -> bool:
     target_ids = greedy_continue(pair, prompt_ids, max_tokens)
     if check(problem.family, pair.target.detokenize(target_ids), problem.answer):
         return True
-    eos = pair.target.eos_id
-    found = first_disagreement(pair, prompt_ids, target_ids, eos_id=eos)
-    if found is None:
+    swap = swap_at_first_disagreement(pair, prompt_ids, target_ids, max_tokens, eos_id=pair.target.eos_id)
+    if swap is None:
         return False
-    position, token = found
-    if position >= min(max_tokens, len(target_ids) + 1) or position >= max_tokens:
-        return False  # past the reply's budget: nothing left to swap
-    if token == eos:
-        swapped = target_ids[:position]
-    else:
-        forced = target_ids[:position] + [token]
-        left = max_tokens - len(forced)
-        swapped = forced + (greedy_continue(pair, prompt_ids + forced, left) if left > 0 else [])
+    swapped = swap[2]
     return check(problem.family, pair.target.detokenize(swapped), problem.answer)
 
 

@@ -22,6 +22,6 @@ library imports this package only when serving.
 
 from .app import Server, ServerSettings, create_app, serve, shutdown
 from .errors import ApiError
-from .pool import _END, Job, Metrics, Worker, WorkerPool
+from .pool import Job, Metrics, Worker, WorkerPool
 
 __all__ = ["ApiError", "Job", "Metrics", "Server", "ServerSettings", "Worker", "WorkerPool", "create_app", "serve", "shutdown"]

@@ -38,6 +38,23 @@ def greedy_continue(pair: Pair, prefix_ids: list[int], max_new: int = MAX_NEW_TO
     return pair.generate(prefix_ids, mode=mode, temperature=0, max_tokens=max_new).tokens
 
 
+def swap_at_first_disagreement(pair: Pair, prompt_ids: list[int], target_ids: list[int], max_new: int,
+                               eos_id: int = EOS_ID) -> tuple[int, int, list[int]] | None:
+    """The oracle's one swap: keep the draft's token at the first position where its greedy choice
+    differs from the target's greedy completion `target_ids`, then continue with target greedy
+    decoding, `max_new` tokens in all. (position, draft token, swapped completion), or None when the
+    two never disagree within that budget."""
+    found = first_disagreement(pair, prompt_ids, target_ids, eos_id=eos_id)
+    if found is None or found[0] >= max_new:
+        return None
+    position, token = found
+    if token == eos_id:  # the draft would stop here: the completion ends at this position
+        return position, token, target_ids[:position]
+    forced = target_ids[:position] + [token]
+    left = max_new - len(forced)
+    return position, token, forced + (greedy_continue(pair, prompt_ids + forced, left) if left > 0 else [])
+
+
 @dataclass
 class ProblemOutcome:
     """What happened on one problem."""
@@ -59,15 +76,10 @@ def evaluate_problem(problem: Problem, pair: Pair, vocab: CharVocab) -> ProblemO
     draft_ids = greedy_continue(pair, prompt_ids, mode="draft")
     target_correct = check(problem.family, vocab.decode(target_ids), problem.answer)
     draft_correct = check(problem.family, vocab.decode(draft_ids), problem.answer)
-    found = first_disagreement(pair, prompt_ids, target_ids)
-    if found is None:
+    swap = swap_at_first_disagreement(pair, prompt_ids, target_ids, MAX_NEW_TOKENS)
+    if swap is None:
         return ProblemOutcome(target_correct, draft_correct, None, target_correct)
-    position, draft_token = found
-    if draft_token == EOS_ID:  # the draft would stop here: the completion ends at this position
-        swapped_ids = target_ids[:position]
-    else:
-        forced = target_ids[:position] + [draft_token]
-        swapped_ids = forced + greedy_continue(pair, prompt_ids + forced, max_new=MAX_NEW_TOKENS - len(forced))
+    position, _, swapped_ids = swap
     swapped_correct = check(problem.family, vocab.decode(swapped_ids), problem.answer)
     return ProblemOutcome(target_correct, draft_correct, position, swapped_correct)
 
