@@ -39,7 +39,8 @@ def test_generate_prints_only_the_completion(tiny_target, tiny_other):
 def test_generate_json(tiny_target):
     """--json prints one object whose text is what plain `generate` prints, with the stats of the
     run (a draft identical to the target accepts every token)."""
-    r = run("generate", "hello", *models(tiny_target, tiny_target), "--temperature", 0, "--max-tokens", 10, "--json", "-k", 3)
+    r = run("generate", "hello", *models(tiny_target, tiny_target), "--temperature", 0, "--max-tokens", 10, "--json", "-k", 3,
+            "--draft-source", "model")
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     assert data["stats"]["n_generated"] == 10

@@ -27,7 +27,8 @@ def test_greedy_speculative_equals_target_only(pair, k):
     drafted = accepted = 0
     for prompt in PROMPTS:
         ref = pair.generate(prompt, temperature=0, mode="target", max_tokens=40)
-        out = pair.generate(prompt, temperature=0, mode="spec", draft_max=k, adaptive=False, draft_p_min=0, max_tokens=40)
+        out = pair.generate(prompt, temperature=0, mode="spec", draft_source="model", draft_max=k, adaptive=False,
+                            draft_p_min=0, max_tokens=40)
         assert out.tokens == ref.tokens
         drafted += out.stats.n_drafted
         accepted += out.stats.n_accepted

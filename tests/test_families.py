@@ -74,7 +74,7 @@ def test_pair_check_and_greedy_spec_and_ngram_equal_target_only(family_models, n
         assert pair.report.draft_vocab == pair.report.target_vocab == family_models[name].n_vocab
         reference = greedy(pair, PROMPT, "target")
         assert len(reference.tokens) == 40 or reference.finish_reason == "stop"
-        spec = greedy(pair, PROMPT, "spec")
+        spec = greedy(pair, PROMPT, "spec", draft_source="model")
         assert spec.tokens == reference.tokens
         assert 0 < spec.stats.n_accepted < spec.stats.n_drafted, "the draft must both agree and disagree"
         ref_repeat = greedy(pair, REPEATING, "target")
@@ -97,7 +97,7 @@ def test_make_draft_on_each_family_is_lossless(family_models, tmp_path, name):
     with load_pair(out, models.target, n_ctx=CTX, n_threads=1) as pair:
         assert pair.report.trimmed and pair.report.n_missing == report.source_vocab - report.draft_vocab
         reference = greedy(pair, PROMPT, "target")
-        spec = greedy(pair, PROMPT, "spec")
+        spec = greedy(pair, PROMPT, "spec", draft_source="model")
         assert spec.tokens == reference.tokens
         assert spec.stats.n_drafted > 0
 
