@@ -46,6 +46,7 @@ class Mode:
     (slot indices taking part) and `proposers`."""
 
     name = ""
+    requires_draft = False  # whether every config of this mode needs a draft model
     arbitrates = False  # uses the ONNX arbitration policy (cospec)
     has_bonus_row = True  # a scoring call adds the row after the pending tokens (cospec: no)
 
@@ -61,7 +62,7 @@ class Mode:
     @classmethod
     def needs_draft(cls, config: GenerationConfig) -> bool:
         """Whether `config` needs a draft model."""
-        return False
+        return cls.requires_draft
 
     @classmethod
     def without_draft(cls, config: GenerationConfig) -> GenerationConfig:
@@ -117,10 +118,7 @@ class DraftOnly(Mode):
     """The draft alone."""
 
     name = "draft"
-
-    @classmethod
-    def needs_draft(cls, config):
-        return True
+    requires_draft = True
 
     def __init__(self, engine, config, conversation):
         super().__init__(engine, config, conversation)
@@ -242,12 +240,9 @@ class CoSpec(Mode):
     2-6%) at more target calls than spec: that is -k's call."""
 
     name = "cospec"
+    requires_draft = True
     arbitrates = True
     has_bonus_row = False
-
-    @classmethod
-    def needs_draft(cls, config):
-        return True
 
     def __init__(self, engine, config, conversation):
         super().__init__(engine, config, conversation)

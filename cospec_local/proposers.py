@@ -1,13 +1,16 @@
 """Proposers: who drafts the pending tokens. One small interface, one class per kind.
 
-A proposer drafts up to n tokens after the generation's context and pending tokens
-(`propose(generation, n)`, which appends them with `Generation.add_pending`), and gives, for each
-token it proposed, the distribution q_j it drew it from (`proposal_probs(bundle, j)`), which the
-verifier needs for rejection sampling. `name` is the provenance shown on emitted tokens
-(`TokenEvent.slot`).
+A proposer offers a proposal (`offer(generation, cap)`: how many tokens it would draft now, chosen
+by its own draft-length policy, `length_policy`, which also observes how its cycles went), drafts
+them after the generation's context and pending tokens (`propose(generation, n)`, appending with
+`Generation.add_pending`), and gives, for each token it proposed, the distribution q_j it drew it
+from (`proposal_probs(bundle, j)`), which the verifier needs for rejection sampling. `name` is the
+provenance shown on emitted tokens (`TokenEvent.slot`). Spec mode runs its proposers as a chain
+(`modes.Spec`); a new kind of proposer is one class here.
 
-- `ModelProposer`: a model slot drafts one call per token (its first row may already be queued:
-  in CoS a member's bonus row); q is its processed row.
+- `ModelProposer`: a model slot drafts one call per token, catching up first on whatever context
+  its cache lacks (its first row may already be queued: in CoS a member's bonus row); q is its
+  processed row.
 - `NgramProposer`: prompt lookup over the context (`ngram.NgramIndex`), and optionally over
   earlier generations (`ngram.SharedNgramPool`); q is one-hot, the proposal costs no model call.
 """
