@@ -26,6 +26,15 @@ def info(models):
         pair.close()
 
 
+def memory_line(model) -> str:
+    """How the model's memory rolls back a rejected proposal."""
+    if model.memory == "attention":
+        return "attention KV cache (rolls back per position)"
+    native = (f"llama.cpp's state snapshots for the last {model.native_snapshots} positions, then "
+              if model.native_snapshots else "")
+    return f"{model.memory} (recurrent layers): rolls back by {native}copies of the recurrent state per scoring call"
+
+
 def pair_lines(pair) -> list[str]:
     """The models of `pair` and how their vocabularies match."""
     lines = []
@@ -34,7 +43,8 @@ def pair_lines(pair) -> list[str]:
             continue
         lines.append(
             f"{role}: {model.path}\n  {model.metadata.get('general.architecture', '?')}, {model.n_params() / 1e6:.1f}M params, "
-            f"{model.n_layer()} layers, vocab {model.n_vocab}, n_ctx {model.n_ctx}, {model.n_threads} threads"
+            f"{model.n_layer()} layers, vocab {model.n_vocab}, n_ctx {model.n_ctx}, {model.n_threads} threads\n"
+            f"  memory: {memory_line(model)}"
         )
     r = pair.report
     if r is not None:

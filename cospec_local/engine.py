@@ -171,7 +171,9 @@ class Engine:
     def mode_for(self, config: GenerationConfig, conversation: Conversation | None = None) -> Mode:
         """`config`'s mode on these slots, for one generation of `conversation`; raises ValueError
         for a mode these models cannot run."""
-        return mode_class(config)(self, config, conversation or Conversation())
+        mode = mode_class(config)(self, config, conversation or Conversation())
+        mode.check_models()
+        return mode
 
     def check(self, config: GenerationConfig) -> None:
         """Raise ValueError when these models cannot run `config`'s mode (before any decoding)."""

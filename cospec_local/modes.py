@@ -47,6 +47,7 @@ class Mode:
 
     name = ""
     requires_draft = False  # whether every config of this mode needs a draft model
+    rolls_back = False  # proposals can be rejected: every active model must take back positions
     arbitrates = False  # uses the ONNX arbitration policy (cospec)
     has_bonus_row = True  # a scoring call adds the row after the pending tokens (cospec: no)
 
@@ -77,6 +78,19 @@ class Mode:
         return None
 
     # -- one generation ------------------------------------------------------------------------------
+    def check_models(self) -> None:
+        """Refuse, before the first token, models this mode cannot run (a rejected proposal must
+        be taken back from every model that evaluated it)."""
+        if not self.rolls_back:
+            return
+        for i in self.active:
+            model = self.slots[i].model
+            if not getattr(model, "can_roll_back", True):
+                raise ValueError(
+                    f"mode {self.name!r} cannot run on {self.slots[i].name} {getattr(model, 'path', '')}: its "
+                    f"{model.memory} memory cannot take back rejected tokens here (llama.cpp cannot copy its "
+                    "recurrent state); use --mode target")
+
     def verifier(self) -> Verifier:
         return StandardVerifier()
 
@@ -132,6 +146,7 @@ class Spec(Mode):
     per proposer: n-gram proposals learn their own acceptance); k = 0 is a plain target step."""
 
     name = "spec"
+    rolls_back = True
 
     @classmethod
     def needs_draft(cls, config):
@@ -241,6 +256,7 @@ class CoSpec(Mode):
 
     name = "cospec"
     requires_draft = True
+    rolls_back = True
     arbitrates = True
     has_bonus_row = False
 
@@ -292,6 +308,7 @@ class CosNaive(Collab):
     """The draft (the first slot) proposes gamma tokens, r verifies them."""
 
     name = "cos-naive"
+    rolls_back = True
 
     def predict(self, baseline, alpha, gamma, c, verify_ratio):
         if baseline != "collab" or len(self.slots) != 2:
@@ -313,6 +330,7 @@ class Cos(Collab):
     model with the largest gamma proposes first (ties: the first, i.e. the draft)."""
 
     name = "cos"
+    rolls_back = True
 
     def predict(self, baseline, alpha, gamma, c, verify_ratio):
         if baseline != "collab" or len(self.slots) != 2:

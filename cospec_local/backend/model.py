@@ -15,6 +15,9 @@ from ._lib import _init_backend
 from .build import check_build_fits_cpu, default_threads
 from .weights import EXACT_CPU_BATCH, EXACT_PREFILL_N_BATCH, LoadOptions, _Weights, check_gguf_file
 
+# Positions of recurrent state llama.cpp keeps for rollback (its n_rs_seq): a verification batch.
+RECURRENT_SNAPSHOTS = EXACT_CPU_BATCH
+
 
 class LlamaModel:
     """One GGUF model with its own llama.cpp context holding a single sequence.
@@ -49,6 +52,10 @@ class LlamaModel:
         ctx_params.n_seq_max = 1
         ctx_params.n_threads = n_threads
         ctx_params.n_threads_batch = n_threads
+        # Recurrent layers (Mamba, gated delta nets) keep one state, not one entry per position:
+        # llama.cpp can keep snapshots of the last few positions' states for architectures that
+        # support it (clamped to 0 otherwise), so a rejected verification batch rolls back natively.
+        ctx_params.n_rs_seq = RECURRENT_SNAPSHOTS
         # A full-size sliding-window cache: with the pruned SWA cache, rolling back a rejected draft
         # could leave positions the next token must attend to already evicted.
         ctx_params.swa_full = True
@@ -61,12 +68,23 @@ class LlamaModel:
             raise ModelLoadError(f"llama.cpp could not create a context of {options.n_ctx} tokens for {self.path}")
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        # "attention": positions can be removed from the end; "recurrent"/"hybrid": rolling back
+        # needs llama.cpp's state snapshots (`n_rs_seq`) or our own checkpoints of the state.
+        self.memory = ("hybrid" if llama_cpp.llama_model_is_hybrid(self._model)
+                       else "recurrent" if llama_cpp.llama_model_is_recurrent(self._model) else "attention")
+        self.native_snapshots = int(llama_cpp.llama_n_rs_seq(self._ctx))
+        self._checkpoints = RecurrentCheckpoints(self) if self.memory != "attention" else None
+        # Whether a rejected proposal can be taken back: always for attention; for recurrent
+        # layers only if llama.cpp can copy their state (a backend might not serialise it).
+        self.can_roll_back = self._checkpoints is None or llama_cpp.llama_state_seq_get_size_ext(
+            self._ctx, 0, llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) > 0
 
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
         self.n_batch = llama_cpp.llama_n_batch(self._ctx)  # llama.cpp caps it at n_ctx
         self.n_threads = n_threads
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.n_past = 0  # tokens currently in the KV cache
+        self._last_call_start = 0  # position of the first token of the last llama_decode call
         self.decode_seconds = 0.0  # time spent inside llama_decode, cumulative (overhead accounting)
         # Largest batch whose logits equal single-token logits bit for bit. Measured on the CPU
         # build (no llamafile, no repacking, no flash attention): batches of up to 7 tokens match
@@ -223,6 +241,8 @@ class LlamaModel:
                 f"({self.path.name}); start a new chat or raise --ctx-size"
             )
         lib = self._lib
+        if self._checkpoints is not None and n_logits:  # a scoring call: it may be rolled back
+            self._checkpoints.save()
         tokens = np.asarray(tokens, dtype=np.int32)
         # All logit rows must sit in the last decode call, whose size is the chunk size unless it
         # needs more rows; the chunks before it have the chunk size.
@@ -237,6 +257,7 @@ class LlamaModel:
             if end == n and n_logits:
                 self._batch_logits[m - n_logits : m] = 1
             self._batch.n_tokens = m
+            self._last_call_start = self.n_past
             t0 = time.perf_counter()
             rc = lib.llama_decode(self._ctx, self._batch)
             self.decode_seconds += time.perf_counter() - t0
@@ -246,6 +267,8 @@ class LlamaModel:
                     raise ContextOverflowError(f"llama.cpp found no KV slot for {m} tokens ({self.path.name})")
                 raise RuntimeError(f"llama_decode failed with code {rc} ({self.path.name})")
             self.n_past += m
+            if self._checkpoints is not None:
+                self._checkpoints.tokens.extend(int(t) for t in tokens[start:end])
         if n_logits == 0:
             return np.empty((0, self.n_vocab), dtype=np.float32)
         ptr = lib.llama_get_logits_ith(self._ctx, -n_logits)
@@ -260,7 +283,15 @@ class LlamaModel:
         """Remove cached positions >= n_keep so the next `eval` continues after token n_keep - 1."""
         if n_keep < 0:
             raise ValueError("n_keep must be >= 0")
-        ok = self._lib.llama_memory_seq_rm(self._mem, 0, n_keep, -1)
+        if self._checkpoints is not None and n_keep >= self.n_past:
+            return  # nothing cached past n_keep
+        # llama.cpp's recurrent snapshots hold the states inside its last decode call only, and
+        # its seq_rm says yes to a rollback past that call's first token, leaving a wrong state
+        # (measured): past it, our own copies roll back instead.
+        native = self._checkpoints is None or n_keep > self._last_call_start
+        ok = native and self._lib.llama_memory_seq_rm(self._mem, 0, n_keep, -1)
+        if not ok and self._checkpoints is not None:
+            ok = self._checkpoints.restore(n_keep)
         if not ok:
             raise RollbackError(
                 f"{self.path.name}: llama.cpp cannot remove part of this model's memory (recurrent or "
@@ -269,8 +300,77 @@ class LlamaModel:
         # Ask llama.cpp rather than trust our count: an interrupt between llama_decode returning and
         # our bookkeeping must not leave stale positions behind.
         self.n_past = min(n_keep, int(self._lib.llama_memory_seq_pos_max(self._mem, 0)) + 1)
+        if self._checkpoints is not None:
+            self._checkpoints.forget_after(self.n_past)
 
     def reset(self) -> None:
         """Empty the KV cache."""
         self._lib.llama_memory_clear(self._mem, True)
         self.n_past = 0
+        if self._checkpoints is not None:
+            self._checkpoints.forget_after(0)
+
+
+class RecurrentCheckpoints:
+    """Copies of a recurrent or hybrid model's recurrent state, taken before each scoring call, so
+    that positions llama.cpp cannot remove (its own snapshots cover only the last batch, and not
+    every architecture) can still be rolled back: restore the latest copy at or before the target
+    position, drop the attention entries after it, and re-evaluate the tokens in between. Only
+    the recurrent part is copied (`LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY`): attention entries are
+    removed per position as usual. `seconds` counts the time spent saving and restoring."""
+
+    KEEP = 2 * EXACT_CPU_BATCH  # a draft's one-token calls and the verification after them
+
+    def __init__(self, model: "LlamaModel"):
+        self.model = model
+        self.tokens: list[int] = []  # every token in the cache, to re-evaluate after a restore
+        self._saved: list[tuple[int, ctypes.Array]] = []  # (position, recurrent state), oldest first
+        self.seconds = 0.0
+
+    def save(self) -> None:
+        """Copy the recurrent state as it is now (at position model.n_past)."""
+        lib, model = self.model._lib, self.model
+        t0 = time.perf_counter()
+        flags = lib.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+        size = lib.llama_state_seq_get_size_ext(model._ctx, 0, flags)
+        buf = (ctypes.c_uint8 * size)()
+        if lib.llama_state_seq_get_data_ext(model._ctx, buf, size, 0, flags) != size:
+            raise RollbackError(f"{model.path.name}: llama.cpp could not copy this model's recurrent state")
+        if self._saved and self._saved[-1][0] == model.n_past:
+            self._saved.pop()
+        self._saved.append((model.n_past, buf))
+        del self._saved[: -self.KEEP]
+        self.seconds += time.perf_counter() - t0
+
+    def restore(self, n_keep: int) -> bool:
+        """Roll the cache back to `n_keep` positions from the latest copy at or before it (with none,
+        by evaluating the first `n_keep` tokens afresh); False when llama.cpp refuses the copy."""
+        lib, model = self.model._lib, self.model
+        usable = [(pos, buf) for pos, buf in self._saved if pos <= n_keep]
+        if not usable:  # e.g. a new prompt sharing only an old prefix: recompute it
+            replay = self.tokens[:n_keep]
+            model.reset()
+            if replay:
+                model.eval(replay, 0)
+            return True
+        pos, buf = usable[-1]
+        t0 = time.perf_counter()
+        flags = lib.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+        if lib.llama_state_seq_set_data_ext(model._ctx, buf, len(buf), 0, flags) != len(buf):
+            return False
+        # The recurrent state now ends at pos - 1: removing what follows touches only attention.
+        if not lib.llama_memory_seq_rm(model._mem, 0, pos, -1):
+            return False
+        self.seconds += time.perf_counter() - t0
+        model.n_past = pos
+        replay = self.tokens[pos:n_keep]
+        del self.tokens[pos:]
+        self.forget_after(pos)
+        if replay:
+            model.eval(replay, 0)
+        return True
+
+    def forget_after(self, n_past: int) -> None:
+        """The cache now holds `n_past` tokens: drop copies and tokens beyond it."""
+        del self.tokens[n_past:]
+        self._saved = [(pos, buf) for pos, buf in self._saved if pos <= n_past]
