@@ -204,3 +204,28 @@ def test_a_model_that_cannot_take_back_tokens_is_refused_before_the_first_token(
             with pytest.raises(ValueError, match="cannot take back rejected tokens"):
                 pair.stream(PROMPTS[0], mode=mode)
         assert greedy(pair, PROMPTS[0], mode="target").tokens
+
+
+def test_llama_cpps_own_rollback_is_wrong_past_its_last_call_and_ours_is_exact(hybrid_models):
+    """The premise of `LlamaModel.rollback`: llama.cpp's recurrent snapshots (n_rs_seq) hold the
+    states inside its last decode call only, yet its seq_rm says yes to removing that whole call
+    (or more) and leaves a wrong state; inside the call it is exact. Our rollback, in the case it
+    gets wrong (a draft's one-token calls), gives a fresh context's logits bit for bit."""
+    from hybrid import rs_rollback_check
+
+    with LlamaModel(hybrid_models["target"], LoadOptions(n_ctx=256, n_threads=1)) as model:
+        tokens = model.tokenize("The quick brown fox jumps over the lazy dog. " * 3)
+        native = rs_rollback_check(model._model, tokens)
+        assert native["calls [5] keep 1"] == {"seq_rm": True, "bit_identical": True}
+        assert native["calls [1, 1, 1] keep 1"] == {"seq_rm": True, "bit_identical": False}
+        assert native["calls [3] keep 0"] == {"seq_rm": True, "bit_identical": False}
+
+        prefix, proposed = tokens[:24], tokens[24:27]
+        model.eval(prefix, 0)
+        for token in proposed:  # a draft proposing one token per call
+            model.eval([token], 1)
+        model.rollback(len(prefix) + 1)
+        got = np.array(model.eval(tokens[25:26], 1)[0])
+    with LlamaModel(hybrid_models["target"], LoadOptions(n_ctx=256, n_threads=1)) as fresh:
+        fresh.eval(tokens[:25], 0)
+        np.testing.assert_array_equal(got, np.array(fresh.eval(tokens[25:26], 1)[0]))
