@@ -99,7 +99,16 @@ class Mode:
         return False
 
     def start(self) -> None:
-        """Per-generation set-up of the proposers' state."""
+        """Per-generation set-up: the proposers' state, and which models keep copies of their
+        recurrent state (only needed where a rollback may reach past a model's last call)."""
+        for i in self.active:
+            self.slots[i].model.keeps_state_copies = self.rolls_back_past_last_call(i)
+
+    def rolls_back_past_last_call(self, index: int) -> bool:
+        """Whether a rejection may take back more than slot `index`'s last llama.cpp call: any
+        model of a mode with proposals (CoS members score batches that start at pending tokens),
+        unless a subclass knows better."""
+        return self.rolls_back
 
     def take_turn(self, gen) -> None:
         """One turn: a proposer drafts, or a member scores the pending tokens (the default)."""
@@ -189,8 +198,17 @@ class Spec(Mode):
         self._k = 0  # how many tokens it proposed
 
     def start(self):
+        super().start()
         for proposer in self.proposers:
             proposer.start()
+
+    def rolls_back_past_last_call(self, index):
+        # The draft's calls are one token each. The target's verification batch starts at the
+        # last committed token, so its rollbacks stay inside that call, where llama.cpp's own
+        # recurrent snapshots (when the architecture has them) suffice.
+        if self.model is not None and index == self.model.index:
+            return True
+        return not getattr(self.slots[index].model, "native_snapshots", 0)
 
     def prefills_lazily(self, index):
         # The draft skips the prompt while measurements say drafting loses; a probe then feeds it a window.
@@ -265,6 +283,10 @@ class CoSpec(Mode):
         draft = _draft_index(engine, "mode 'cospec' needs a draft model")
         self.model = ModelProposer(draft, engine.slots[draft], stops_when_unsure=True)
         self.active = (draft, engine.target_index)
+
+    def rolls_back_past_last_call(self, index):
+        # As in spec: the draft's one-token calls, or the target's batch from its last committed token.
+        return index == self.model.index or not getattr(self.slots[index].model, "native_snapshots", 0)
 
     def verifier(self):
         from .arbiter import ArbitratingVerifier

@@ -229,3 +229,22 @@ def test_llama_cpps_own_rollback_is_wrong_past_its_last_call_and_ours_is_exact(h
     with LlamaModel(hybrid_models["target"], LoadOptions(n_ctx=256, n_threads=1)) as fresh:
         fresh.eval(tokens[:25], 0)
         np.testing.assert_array_equal(got, np.array(fresh.eval(tokens[25:26], 1)[0]))
+
+
+def test_copies_of_the_recurrent_state_are_taken_only_where_a_rollback_can_need_them(hybrid_models, monkeypatch):
+    """Target-only decoding never rolls back: no copies. In spec the hybrid target's rollbacks stay
+    inside its verification call (llama.cpp's snapshots serve them): no copies either, unless the
+    architecture has no snapshots; a hybrid draft's one-token calls always keep copies."""
+    with open_pair(hybrid_models, "hybrid") as pair:
+        pair.engine.reset()
+        greedy(pair, PROMPTS[0], mode="target")
+        assert not pair.target._checkpoints._saved
+        pair.engine.reset()
+        greedy(pair, PROMPTS[0], mode="spec", draft_source="model", draft_max=4)
+        assert not pair.target._checkpoints._saved and pair.draft._checkpoints._saved
+    import cospec_local.backend.model as backend_model
+
+    monkeypatch.setattr(backend_model, "RECURRENT_SNAPSHOTS", 0)
+    with open_pair(hybrid_models, "llama") as pair:
+        greedy(pair, PROMPTS[0], mode="spec", draft_source="model", draft_max=4)
+        assert pair.target._checkpoints._saved

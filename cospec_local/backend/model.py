@@ -74,6 +74,8 @@ class LlamaModel:
                        else "recurrent" if llama_cpp.llama_model_is_recurrent(self._model) else "attention")
         self.native_snapshots = int(llama_cpp.llama_n_rs_seq(self._ctx))
         self._checkpoints = RecurrentCheckpoints(self) if self.memory != "attention" else None
+        # Set per generation by the mode (copies cost a memcpy of the recurrent state per call).
+        self.keeps_state_copies = True
         # Whether a rejected proposal can be taken back: always for attention; for recurrent
         # layers only if llama.cpp can copy their state (a backend might not serialise it).
         self.can_roll_back = self._checkpoints is None or llama_cpp.llama_state_seq_get_size_ext(
@@ -241,7 +243,7 @@ class LlamaModel:
                 f"({self.path.name}); start a new chat or raise --ctx-size"
             )
         lib = self._lib
-        if self._checkpoints is not None and n_logits:  # a scoring call: it may be rolled back
+        if self._checkpoints is not None and n_logits and self.keeps_state_copies:  # it may be rolled back
             self._checkpoints.save()
         tokens = np.asarray(tokens, dtype=np.int32)
         # All logit rows must sit in the last decode call, whose size is the chunk size unless it
