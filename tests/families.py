@@ -156,18 +156,13 @@ def family_config(n_vocab: int, n_layer: int, tied_output: bool = True) -> Llama
                        tied_output=tied_output)
 
 
-def write_family_model(path: Path, family: Family, weights: dict, n_layer: int, n_pad: int = 0) -> Path:
-    """A llama-architecture GGUF with `family`'s real tokenizer and chat template, and the given
-    weights (F16 matrices) for `n_layer` layers. `n_pad` appends that many `[PAD<id>]` tokens (type
-    UNUSED) after the real vocabulary, as Hugging Face conversion writes padded embedding rows."""
+def add_family_tokenizer(writer, family: Family, n_pad: int = 0) -> int:
+    """Write `family`'s real tokenizer keys (with its renamed control tokens and `n_pad` padding
+    tokens) and its chat template; return the vocabulary size."""
     import gguf
 
     fields = tokenizer_fields(family.vocab)
     n_real = len(next(v for k, v, _, _ in fields if k == "tokenizer.ggml.tokens"))
-    config = family_config(n_real + n_pad, n_layer, tied_output="output.weight" not in weights)
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name(f"cospec-family-{family.name}-{n_layer}l")
-    add_llama_hparams(writer, config)
     for key, value, val_type, sub_type in fields:
         if key == "tokenizer.chat_template":
             continue  # the family's own template file is written below
@@ -185,6 +180,22 @@ def write_family_model(path: Path, family: Family, weights: dict, n_layer: int, 
                              sub_type=None if sub_type is None else gguf.GGUFValueType(sub_type))
     if family.template is not None:
         writer.add_chat_template((models_dir() / "templates" / family.template).read_text(encoding="utf-8"))
+    return n_real + n_pad
+
+
+def write_family_model(path: Path, family: Family, weights: dict, n_layer: int, n_pad: int = 0) -> Path:
+    """A llama-architecture GGUF with `family`'s real tokenizer and chat template, and the given
+    weights (F16 matrices) for `n_layer` layers. `n_pad` appends that many `[PAD<id>]` tokens (type
+    UNUSED) after the real vocabulary, as Hugging Face conversion writes padded embedding rows."""
+    import gguf
+
+    fields = tokenizer_fields(family.vocab)
+    n_real = len(next(v for k, v, _, _ in fields if k == "tokenizer.ggml.tokens"))
+    config = family_config(n_real + n_pad, n_layer, tied_output="output.weight" not in weights)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(f"cospec-family-{family.name}-{n_layer}l")
+    add_llama_hparams(writer, config)
+    add_family_tokenizer(writer, family, n_pad)
     for name in expected_shapes(config):
         w = weights[name]
         writer.add_tensor(name, np.ascontiguousarray(w, dtype=np.float16 if w.ndim == 2 else np.float32))

@@ -46,7 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from families import FAMILIES, TOKEN_TYPE_CONTROL, TOKEN_TYPE_UNUSED, Family, family_config, models_dir  # noqa: E402
+from families import FAMILIES, Family, add_family_tokenizer, family_config  # noqa: E402
 from families import tokenizer_fields, write_family_model  # noqa: E402
 
 ARCH = "qwen35"
@@ -210,33 +210,6 @@ def random_qwen35_weights(c: Qwen35Config, seed: int) -> dict[str, np.ndarray]:
     return out
 
 
-def _add_tokenizer(writer, family: Family, n_pad: int) -> int:
-    """Copy `family`'s tokenizer keys (renames applied, `n_pad` UNUSED `[PAD<id>]` tokens appended)
-    and its chat template; returns the vocabulary size. Mirrors families.write_family_model."""
-    import gguf
-
-    fields = tokenizer_fields(family.vocab)
-    n_real = len(next(v for k, v, _, _ in fields if k == "tokenizer.ggml.tokens"))
-    for key, value, val_type, sub_type in fields:
-        if key == "tokenizer.chat_template":
-            continue
-        if key == "tokenizer.ggml.tokens":
-            value = list(value) + [f"[PAD{n_real + i}]".encode() for i in range(n_pad)]
-            for token_id, text in family.renames:
-                value[token_id] = text.encode()
-        elif key == "tokenizer.ggml.token_type":
-            value = list(value) + [TOKEN_TYPE_UNUSED] * n_pad
-            for token_id, _ in family.renames:
-                value[token_id] = TOKEN_TYPE_CONTROL
-        elif n_pad and key == "tokenizer.ggml.scores":
-            value = list(value) + [-1e9] * n_pad
-        writer.add_key_value(key, value, gguf.GGUFValueType(val_type),
-                             sub_type=None if sub_type is None else gguf.GGUFValueType(sub_type))
-    if family.template is not None:
-        writer.add_chat_template((models_dir() / "templates" / family.template).read_text(encoding="utf-8"))
-    return n_real + n_pad
-
-
 def n_vocab(family: Family = QWEN35_FAMILY, n_pad: int = 0) -> int:
     return len(next(v for k, v, _, _ in tokenizer_fields(family.vocab) if k == "tokenizer.ggml.tokens")) + n_pad
 
@@ -262,7 +235,7 @@ def build_qwen35(path, seed: int = 0, n_layer: int = 4, full_attention_interval:
             writer.add_float32(key, value)
         else:
             writer.add_uint32(key, value)
-    _add_tokenizer(writer, family, n_pad)
+    add_family_tokenizer(writer, family, n_pad)
     for name, w in random_qwen35_weights(c, seed).items():
         dtype = np.float16 if name in ("token_embd.weight", "output.weight") else np.float32
         writer.add_tensor(name, np.ascontiguousarray(w, dtype=dtype))
