@@ -242,6 +242,7 @@ class Engine:
         self._active = conv
         conv.context = gen.context
         llama0 = sum(slot.model.decode_seconds for slot in self.slots)
+        copies0 = sum(slot.model.state_copy_seconds for slot in self.slots)
         try:
             self._prefill(gen, mode, conv)
             t_decode0 = time.perf_counter()
@@ -265,7 +266,7 @@ class Engine:
                 yield TokenEvent(-1, tail, SAMPLED, "")
             gen.stats.t_decode = time.perf_counter() - t_decode0
         finally:
-            self._finish(gen, mode, conv, finish, llama0)
+            self._finish(gen, mode, conv, finish, llama0, copies0)
         yield DoneEvent(finish, gen.stats)
 
     def _prefill(self, gen: Generation, mode: Mode, conv: Conversation) -> None:
@@ -307,7 +308,7 @@ class Engine:
             if gen.stats.n_generated >= gen.config.max_tokens:
                 return
 
-    def _finish(self, gen: Generation, mode: Mode, conv: Conversation, finish: str, llama0: float) -> None:
+    def _finish(self, gen: Generation, mode: Mode, conv: Conversation, finish: str, llama0: float, copies0: float) -> None:
         """Rewind: whatever was evaluated beyond the committed context goes (rows are per round),
         the statistics are completed, and the engine is free again, whatever failed."""
         stats = gen.stats
@@ -327,6 +328,7 @@ class Engine:
                     stats.model_calls[slot.name] = slot.calls
                     stats.t_models[slot.name] = slot.seconds
             stats.t_llama = sum(slot.model.decode_seconds for slot in self.slots) - llama0
+            stats.t_state_copies = sum(slot.model.state_copy_seconds for slot in self.slots) - copies0
             stats.finish_reason = finish
             conv.last_stats = stats
             if conv.ngram_pool is not None:

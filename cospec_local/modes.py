@@ -203,12 +203,7 @@ class Spec(Mode):
             proposer.start()
 
     def rolls_back_past_last_call(self, index):
-        # The draft's calls are one token each. The target's verification batch starts at the
-        # last committed token, so its rollbacks stay inside that call, where llama.cpp's own
-        # recurrent snapshots (when the architecture has them) suffice.
-        if self.model is not None and index == self.model.index:
-            return True
-        return not getattr(self.slots[index].model, "native_snapshots", 0)
+        return _rolls_back_past_last_call(self.slots, index, self.model)
 
     def prefills_lazily(self, index):
         # The draft skips the prompt while measurements say drafting loses; a probe then feeds it a window.
@@ -285,8 +280,7 @@ class CoSpec(Mode):
         self.active = (draft, engine.target_index)
 
     def rolls_back_past_last_call(self, index):
-        # As in spec: the draft's one-token calls, or the target's batch from its last committed token.
-        return index == self.model.index or not getattr(self.slots[index].model, "native_snapshots", 0)
+        return _rolls_back_past_last_call(self.slots, index, self.model)
 
     def verifier(self):
         from .arbiter import ArbitratingVerifier
@@ -404,3 +398,13 @@ def _draft_index(engine, message: str) -> int:
     if draft is None:
         raise ValueError(message)
     return draft
+
+
+def _rolls_back_past_last_call(slots, index: int, draft: ModelProposer | None) -> bool:
+    """spec and cospec: the draft's calls are one token each, so its rollbacks reach back past
+    them; the target's verification batch starts at the last committed token, so its rollbacks
+    stay inside that call, where llama.cpp's own recurrent snapshots (when the architecture has
+    them) suffice."""
+    if draft is not None and index == draft.index:
+        return True
+    return not getattr(slots[index].model, "native_snapshots", 0)

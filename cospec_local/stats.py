@@ -28,6 +28,7 @@ class GenerationStats:
     t_decode: float = 0.0
     t_arbiter: float = 0.0  # cospec: computing features and scoring the policy (inside t_overhead)
     t_llama: float = 0.0  # seconds inside llama_decode (prefill and decode, every model)
+    t_state_copies: float = 0.0  # hybrid/recurrent models: saving and restoring recurrent states
     finish_reason: str = ""
 
     @property

@@ -37,6 +37,7 @@ class FakeModel:
         self.tokens: list[int] = []  # what the cache holds
         self.calls = 0  # eval calls that asked for logits (what ModelSlot counts as a model call)
         self.decode_seconds = 0.0  # LlamaModel's time inside llama_decode (nothing to time here)
+        self.state_copy_seconds = 0.0  # LlamaModel's time copying recurrent states (none here)
         self._out = np.full((self.n_batch, n_vocab), np.nan, dtype=np.float32)
         self._memo: dict[tuple, np.ndarray] = {}
 

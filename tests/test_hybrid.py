@@ -237,11 +237,12 @@ def test_copies_of_the_recurrent_state_are_taken_only_where_a_rollback_can_need_
     architecture has no snapshots; a hybrid draft's one-token calls always keep copies."""
     with open_pair(hybrid_models, "hybrid") as pair:
         pair.engine.reset()
-        greedy(pair, PROMPTS[0], mode="target")
-        assert not pair.target._checkpoints._saved
+        alone = greedy(pair, PROMPTS[0], mode="target")
+        assert not pair.target._checkpoints._saved and alone.stats.t_state_copies == 0
         pair.engine.reset()
-        greedy(pair, PROMPTS[0], mode="spec", draft_source="model", draft_max=4)
+        spec = greedy(pair, PROMPTS[0], mode="spec", draft_source="model", draft_max=4)
         assert not pair.target._checkpoints._saved and pair.draft._checkpoints._saved
+        assert spec.stats.t_state_copies > 0  # reported with the generation's statistics
     import cospec_local.backend.model as backend_model
 
     monkeypatch.setattr(backend_model, "RECURRENT_SNAPSHOTS", 0)

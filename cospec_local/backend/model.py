@@ -270,11 +270,16 @@ class LlamaModel:
                 raise RuntimeError(f"llama_decode failed with code {rc} ({self.path.name})")
             self.n_past += m
             if self._checkpoints is not None:
-                self._checkpoints.tokens.extend(int(t) for t in tokens[start:end])
+                self._checkpoints.tokens.extend(tokens[start:end].tolist())
         if n_logits == 0:
             return np.empty((0, self.n_vocab), dtype=np.float32)
         ptr = lib.llama_get_logits_ith(self._ctx, -n_logits)
         return np.ctypeslib.as_array(ptr, shape=(n_logits, self.n_vocab))
+
+    @property
+    def state_copy_seconds(self) -> float:
+        """Seconds spent saving and restoring copies of the recurrent state, cumulative."""
+        return self._checkpoints.seconds if self._checkpoints is not None else 0.0
 
     def _resync_after_failure(self) -> None:
         # After a fatal decode some ubatches may remain cached: trust llama.cpp's own position.
@@ -314,12 +319,14 @@ class LlamaModel:
 
 
 class RecurrentCheckpoints:
-    """Copies of a recurrent or hybrid model's recurrent state, taken before each scoring call, so
-    that positions llama.cpp cannot remove (its own snapshots cover only the last batch, and not
+    """Copies of a recurrent or hybrid model's recurrent state, taken before each scoring call while
+    `LlamaModel.keeps_state_copies` (the mode sets it where a rollback can reach past the model's
+    last call), so that positions llama.cpp cannot remove (its own snapshots cover only the last batch, and not
     every architecture) can still be rolled back: restore the latest copy at or before the target
     position, drop the attention entries after it, and re-evaluate the tokens in between. Only
     the recurrent part is copied (`LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY`): attention entries are
-    removed per position as usual. `seconds` counts the time spent saving and restoring."""
+    removed per position as usual. `seconds` counts the time spent saving and restoring
+    (`GenerationStats.t_state_copies`)."""
 
     KEEP = 2 * EXACT_CPU_BATCH  # a draft's one-token calls and the verification after them
 

@@ -127,7 +127,6 @@ def run_bench(
     report = {"costs": costs, "prompts": len(prompts), "max_tokens": max_tokens, "repeats": repeats,
               "baseline": baseline, "temperature": base.temperature, "modes": {}}
     base_runs = runs[baseline]
-    report["baseline_outputs"] = [t["outputs"] for t in base_runs]
     report["modes"][baseline] = {
         "outside_llama_us_per_token": statistics.median(_outside_us(t) for t in base_runs),
         "tok_s_median": statistics.median(_tok_s(t) for t in base_runs),
@@ -136,8 +135,7 @@ def run_bench(
     }
     for name, cfg in configs.items():
         if name != baseline:
-            report["modes"][name] = _mode_report(pair, cfg, runs[name], report, costs)
-    del report["baseline_outputs"]  # only for the comparison above
+            report["modes"][name] = _mode_report(pair, cfg, runs[name], base_runs, report, costs)
     return report
 
 
@@ -153,22 +151,23 @@ def _outside_us(t: dict) -> float:
     return 1e6 * t["stats"].outside_llama_per_token
 
 
-def _mode_report(pair, cfg: GenerationConfig, mode_runs: list[dict], report: dict, costs: dict) -> dict:
+def _mode_report(pair, cfg: GenerationConfig, mode_runs: list[dict], base_runs: list[dict], report: dict,
+                 costs: dict) -> dict:
     """One mode's figures against the baseline's runs (same repetitions), with the mode's own
     prediction from the measured acceptance and costs."""
     baseline = report["baseline"]
-    base_speeds = report["modes"][baseline]["tok_s"]
+    total = GenerationStats()  # every repetition summed: the derived figures come from it
+    for t in mode_runs:
+        total.add(t["stats"])
     speeds = [_tok_s(t) for t in mode_runs]
-    ratios = [s / b for s, b in zip(speeds, base_speeds)]
-    accepted = [n for t in mode_runs for n in t["stats"].accepted_lengths]
-    drafted = [n for t in mode_runs for n in t["stats"].draft_lengths]
-    cycles = len(drafted)
+    ratios = [s / _tok_s(b) for s, b in zip(speeds, base_runs)]
+    accepted, drafted = total.accepted_lengths, total.draft_lengths
+    cycles = total.n_cycles
     # alpha: maximum-likelihood per-token acceptance; each cycle gives its accepted tokens as
     # successes and one failure if it stopped at a rejection.
     rejections = sum(1 for a, d in zip(accepted, drafted) if a < d)
     alpha = sum(accepted) / (sum(accepted) + rejections) if cycles else 0.0
     gamma = sum(drafted) / cycles if cycles else 0.0
-    t_decode = sum(t["stats"].t_decode for t in mode_runs)
     cpt = statistics.median(_calls_per_token(t) for t in mode_runs)
     m = {
         "tok_s_median": statistics.median(speeds),
@@ -177,16 +176,16 @@ def _mode_report(pair, cfg: GenerationConfig, mode_runs: list[dict], report: dic
         "speedups": ratios,
         "calls_per_token": cpt,
         "calls_speedup": report["modes"][baseline]["calls_per_token"] / cpt if cpt else 0.0,
-        "acceptance_rate": sum(accepted) / sum(drafted) if cycles else 0.0,
+        "acceptance_rate": total.acceptance_rate,
         "alpha": alpha,
         "mean_draft_length": gamma,
-        "mean_accepted_length": float(np.mean(accepted)) if accepted else 0.0,
-        "target_steps": sum(t["stats"].n_target_steps for t in mode_runs),
+        "mean_accepted_length": total.mean_accepted_length,
+        "target_steps": total.n_target_steps,
         "cycles": cycles,
-        "python_overhead_share": sum(t["stats"].t_overhead for t in mode_runs) / t_decode if t_decode else 0.0,
+        "python_overhead_share": total.summary()["overhead_share"],
         "outside_llama_us_per_token": statistics.median(_outside_us(t) for t in mode_runs),
         "accepted_length_histogram": np.bincount(accepted).tolist() if accepted else [],
-        f"greedy_output_identical_to_{baseline}": (all(t["outputs"] == b for t, b in zip(mode_runs, report["baseline_outputs"]))
+        f"greedy_output_identical_to_{baseline}": (all(t["outputs"] == b["outputs"] for t, b in zip(mode_runs, base_runs))
                                                    if report["temperature"] == 0 else None),
     }
     predicted = None

@@ -17,10 +17,6 @@ from .stats import wilson_interval
 from .testworld.headroom import greedy_continue, swap_at_first_disagreement
 from .testworld.tasks import TASK_STOP, check
 
-# The lab's own modes besides the decoding modes: cospec arbitrated by the fixed-threshold rule,
-# and the first-disagreement oracle (`oracle_correct`).
-LAB_MODES = ("rule", "oracle")
-
 @dataclass
 class ModeResult:
     """Totals for one decoding mode over all problems: answers, and the generations' statistics
@@ -106,15 +102,15 @@ def evaluate(
     results = {mode: ModeResult(mode) for mode in modes}
     for problem in tqdm(problems, desc="eval", disable=not progress):
         for mode in modes:
-            run = LAB_RUNS.get(mode, _run_mode)
-            results[mode].add(problem, run(pair, problem, base.with_(mode=mode) if mode not in LAB_RUNS else base, rule))
+            lab_run = LAB_RUNS.get(mode)
+            results[mode].add(problem, lab_run(pair, problem, base, rule) if lab_run else _run_mode(pair, problem, base.with_(mode=mode)))
     return {"modes": [results[m].as_dict() for m in modes], "n_problems": len(problems)}
 
 
 def needs_draft(modes, config: GenerationConfig) -> bool:
     """Whether evaluating `modes` with `config` needs a draft model (the lab's modes arbitrate or
     swap in the draft's tokens)."""
-    return any(mode in LAB_MODES or mode_class(config.with_(mode=mode)).needs_draft(config.with_(mode=mode)) for mode in modes)
+    return any(mode in LAB_MODES or _needs_draft(config.with_(mode=mode)) for mode in modes)
 
 
 def rule_thresholds(pair, config: GenerationConfig) -> tuple[float, float]:
@@ -147,7 +143,7 @@ def run_evaluation(pair, problems, modes, config: GenerationConfig, rule: tuple[
     return report
 
 
-def _run_mode(pair, problem, config: GenerationConfig, rule):
+def _run_mode(pair, problem, config: GenerationConfig):
     """A decoding mode (`config.mode`) on one problem."""
     return pair.generate(problem.prompt, config)
 
@@ -161,8 +157,14 @@ def _run_rule(pair, problem, config: GenerationConfig, rule):
 
 def _run_oracle(pair, problem, config: GenerationConfig, rule) -> bool:
     """Whether the best single swap at a mismatch answers right (no speed figures)."""
-    return bool(oracle_correct(pair, problem, config.max_tokens))
+    return oracle_correct(pair, problem, config.max_tokens)
 
 
-# The lab's own rows beside the decoding modes (LAB_MODES), by name.
+# The lab's own modes besides the decoding modes, by name: cospec arbitrated by the
+# fixed-threshold rule, and the first-disagreement oracle (`oracle_correct`).
 LAB_RUNS = {"rule": _run_rule, "oracle": _run_oracle}
+LAB_MODES = tuple(LAB_RUNS)
+
+
+def _needs_draft(config: GenerationConfig) -> bool:
+    return mode_class(config).needs_draft(config)
