@@ -142,9 +142,14 @@ def tokenizer_fields(vocab: str) -> tuple:
     return tuple(out)
 
 
+def vocab_tokens(family: Family) -> list[bytes]:
+    """The family's real token list (before renames and padding)."""
+    return next(v for k, v, _, _ in tokenizer_fields(family.vocab) if k == "tokenizer.ggml.tokens")
+
+
 def token_texts(family: Family) -> list[str]:
     """The family's token texts in id order (its renames applied)."""
-    tokens = next(v for k, v, _, _ in tokenizer_fields(family.vocab) if k == "tokenizer.ggml.tokens")
+    tokens = vocab_tokens(family)
     texts = [t.decode("utf-8", "replace") for t in tokens]
     for token_id, text in family.renames:
         texts[token_id] = text
@@ -161,9 +166,8 @@ def add_family_tokenizer(writer, family: Family, n_pad: int = 0) -> int:
     tokens) and its chat template; return the vocabulary size."""
     import gguf
 
-    fields = tokenizer_fields(family.vocab)
-    n_real = len(next(v for k, v, _, _ in fields if k == "tokenizer.ggml.tokens"))
-    for key, value, val_type, sub_type in fields:
+    n_real = len(vocab_tokens(family))
+    for key, value, val_type, sub_type in tokenizer_fields(family.vocab):
         if key == "tokenizer.chat_template":
             continue  # the family's own template file is written below
         if key == "tokenizer.ggml.tokens":
@@ -189,9 +193,7 @@ def write_family_model(path: Path, family: Family, weights: dict, n_layer: int, 
     UNUSED) after the real vocabulary, as Hugging Face conversion writes padded embedding rows."""
     import gguf
 
-    fields = tokenizer_fields(family.vocab)
-    n_real = len(next(v for k, v, _, _ in fields if k == "tokenizer.ggml.tokens"))
-    config = family_config(n_real + n_pad, n_layer, tied_output="output.weight" not in weights)
+    config = family_config(len(vocab_tokens(family)) + n_pad, n_layer, tied_output="output.weight" not in weights)
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name(f"cospec-family-{family.name}-{n_layer}l")
     add_llama_hparams(writer, config)
