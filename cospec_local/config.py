@@ -11,7 +11,7 @@ from .sampling import SamplingParams
 
 MODES = ("spec", "target", "draft", "collab", "cos", "cos-naive", "cospec")
 COMBINATIONS = ("we", "cd")
-DRAFT_SOURCES = ("model", "ngram", "ngram+model")
+DRAFT_SOURCES = ("model", "ngram", "ngram+model", "mtp", "ngram+mtp")
 DEFAULT_DRAFT_MAX = 6
 
 
@@ -50,7 +50,8 @@ class GenerationConfig:
                              "each cycle, an n-gram match in the context or the draft model, whichever promises more tokens per "
                              "second; measured as fast as the draft alone on open-ended prompts and faster on grounded ones), "
                              "model (the draft alone), or ngram (prompt lookup alone: tokens that followed the context's latest "
-                             "suffix earlier in it; no draft model needed).")
+                             "suffix earlier in it; no draft model needed), mtp (the target's own multi-token-prediction layers, "
+                             "Qwen3.5/3.6 GGUFs that carry them; no draft model needed) or ngram+mtp.")
     draft_p_min: float = _opt(0.3, "Stop drafting when the draft's top probability falls below this.")
     adaptive: bool = _opt(True, "Adapt the draft length to measured acceptance and costs (spec mode).")
     combine: str = _opt("we", "Collaborative modes: how r combines the models: we (weighted ensemble of "

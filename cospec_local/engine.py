@@ -97,6 +97,8 @@ class Conversation:
         # output repeats its context depends on the prompt), probing more often (proposals are free)
         # and with a longer memory (one rejected run of free proposals is no reason to stop).
         self.ngram_length_policy = AdaptiveDraftLength(probe_growth=2, cycle_decay=0.95, full_length=True)
+        # The same for the target's MTP head (`--draft-source mtp`).
+        self.mtp_length_policy = AdaptiveDraftLength()
         self.ngram_index = NgramIndex()  # follows the context
         # Earlier generations' tokens shared with other conversations (a server option; None: off).
         self.ngram_pool: SharedNgramPool | None = None

@@ -36,7 +36,7 @@ from .speedup import (
 from .combine import Combination, Contrastive, Single, WeightedEnsemble
 from .config import MODES as MODE_NAMES
 from .config import GenerationConfig
-from .proposers import ModelProposer, NgramProposer, Proposer
+from .proposers import ModelProposer, MtpProposer, NgramProposer, Proposer
 from .verify import StandardVerifier, Verifier
 
 
@@ -167,8 +167,8 @@ class Spec(Mode):
         return config.with_(mode="target") if cls.needs_draft(config) else config
 
     def predict(self, baseline, alpha, gamma, c, verify_ratio):
-        if baseline != "target":
-            return None
+        if baseline != "target" or "mtp" in self.config.draft_source:
+            return None  # no measured cost ratio for an MTP head
         c = c if self.model is not None else 0.0  # an n-gram lookup costs nothing next to a model call
         rows = verify_ratio(gamma + 1)
         return {"predicted_speedup": predicted_speedup(alpha, gamma, c),
@@ -185,11 +185,19 @@ class Spec(Mode):
         # The chain, in order of preference when two proposers promise as much.
         self.proposers: list[Proposer] = []
         self.model: ModelProposer | None = None
-        if config.draft_source != "model":
+        sources = config.draft_source.split("+")
+        if "ngram" in sources:
             self.proposers.append(NgramProposer(conversation.ngram_index, conversation.ngram_pool,
                                                 conversation.ngram_length_policy if adaptive else None))
+        if "mtp" in sources:
+            target = engine.slots[engine.target_index]
+            if getattr(target.model, "mtp", None) is None:
+                reason = getattr(target.model, "mtp_unavailable", None) or "it has no MTP head"
+                raise ValueError(f"--draft-source {config.draft_source} needs a target that drafts with its own "
+                                 f"multi-token-prediction layers, but {getattr(target.model, 'path', target.name)}: {reason}")
+            self.proposers.append(MtpProposer(target, conversation.mtp_length_policy if adaptive else None))
         draft = engine.index.get("draft")
-        if config.draft_source != "ngram" and draft is not None:
+        if "model" in sources and draft is not None:
             self.model = ModelProposer(draft, engine.slots[draft], stops_when_unsure=True, windowed=True,
                                        length_policy=conversation.draft_length_policy if adaptive else None)
             self.proposers.append(self.model)

@@ -11,6 +11,8 @@ provenance shown on emitted tokens (`TokenEvent.slot`). Spec mode runs its propo
 - `ModelProposer`: a model slot drafts one call per token, catching up first on whatever context
   its cache lacks (its first row may already be queued: in CoS a member's bonus row); q is its
   processed row.
+- `MtpProposer`: the target's own multi-token-prediction layer (`backend.MtpHead`, Qwen3.5/3.6):
+  one small call per token, no second model; q is its processed row.
 - `NgramProposer`: prompt lookup over the context (`ngram.NgramIndex`), and optionally over
   earlier generations (`ngram.SharedNgramPool`); q is one-hot, the proposal costs no model call.
 """
@@ -21,6 +23,7 @@ import time
 
 from .draft_length import CATCH_UP_WINDOW, AdaptiveDraftLength
 from .ngram import NgramIndex, OneHotProposal, SharedNgramPool
+from .sampling import draw
 
 
 class Proposer:
@@ -93,6 +96,52 @@ class ModelProposer(Proposer):
 
     def proposal_probs(self, bundle, j: int):
         return bundle.probs(self.index, j)
+
+
+class MtpProposer(Proposer):
+    """The target's MTP head drafting after the committed context, one call per token.
+
+    The head follows the target's cache (`backend.mtp`), so it can draft exactly when the target
+    has evaluated the whole context but its last token, which is where every spec cycle starts.
+    Its calls and time are reported as the "mtp" model in the generation's statistics."""
+
+    name = "mtp"
+    draws_from_model = True
+
+    def __init__(self, target_slot, length_policy: AdaptiveDraftLength | None = None):
+        self.slot = target_slot
+        self.head = target_slot.model.mtp
+        self.length_policy = length_policy
+        self._q: list = []  # q of each pending token it proposed (None when greedy)
+
+    def propose(self, generation, n: int) -> int:
+        context, pending = generation.context, generation.pending
+        n = min(n, generation.limit - len(pending))
+        start = len(context) - 1  # the last committed token's position
+        if n <= 0 or pending or self.slot.offset or self.slot.model.n_past != start:
+            return 0
+        head, params, stats = self.head, generation.config.sampling, generation.stats
+        t0, calls0 = time.perf_counter(), head.calls
+        self._q = []
+        row = head.first_step(context[-1], start)
+        for step in range(n):
+            # Stop when the head's confidence drops (moot for the last token).
+            p_min = generation.config.draft_p_min if step < n - 1 else 0.0
+            token, top_prob, q = draw(row, params, generation.rng, p_min)
+            generation.add_pending(token, self)
+            self._q.append(q)
+            if step == n - 1 or top_prob < p_min:
+                break
+            row = head.next_step(token, start + step + 1)
+        seconds, calls = time.perf_counter() - t0, head.calls - calls0
+        stats.model_calls[self.name] = stats.model_calls.get(self.name, 0) + calls
+        stats.t_models[self.name] = stats.t_models.get(self.name, 0.0) + seconds
+        if self.length_policy is not None:
+            self.length_policy.observe_draft_step(seconds / calls)
+        return len(self._q)
+
+    def proposal_probs(self, bundle, j: int):
+        return self._q[j]
 
 
 class NgramProposer(Proposer):

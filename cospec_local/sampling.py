@@ -115,6 +115,20 @@ def sample_logits(logits: np.ndarray, params: SamplingParams, rng: np.random.Gen
     return choice if ids is None else int(ids[choice])
 
 
+def draw(row: np.ndarray, params: SamplingParams, rng: np.random.Generator, p_min: float = 0.0):
+    """A proposer's choice from its row of logits: (id, top probability, q). Greedy: the argmax,
+    q None (greedy verification needs no q) and the top probability computed only when `p_min` > 0
+    asks for it (else 1.0); sampling: a draw from the processed distribution q, kept for the
+    verifier's rejection rule."""
+    if params.greedy:
+        token = int(np.argmax(row))
+        # Softmax of the top logit; only needed for a confidence cut-off.
+        top_prob = 1.0 / float(np.exp(row - row[token]).sum()) if p_min > 0 else 1.0
+        return token, top_prob, None
+    probs = logits_to_probs(row, params)
+    return sample(probs, rng), float(probs.max()), probs
+
+
 def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
     """Draw one id from a (not necessarily normalised) non-negative row."""
     cdf = np.cumsum(probs)

@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from .vocab import TokenMap
-from .sampling import SamplingParams, logits_to_probs, sample
+from .sampling import SamplingParams, draw
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -167,13 +167,7 @@ class ModelSlot:
         """This model's own choice at `position` in shared ids (argmax, or a sample from its
         processed row, which is kept as its proposal distribution) and the row's top probability
         (1.0 when greedy and `p_min` is 0: then it is not needed)."""
-        row = self.rows[position]
-        if params.greedy:
-            model_id = int(np.argmax(row))
-            # Softmax of the top logit; only needed for the draft's confidence cut-off.
-            top_prob = 1.0 / float(np.exp(row - row[model_id]).sum()) if p_min > 0 else 1.0
-            return self.to_shared(model_id), top_prob
-        probs = logits_to_probs(row, params)
-        model_id = sample(probs, rng)
-        self.probs[position] = probs if self.token_map is None else self.token_map.row(probs)
-        return self.to_shared(model_id), float(probs.max())
+        model_id, top_prob, probs = draw(self.rows[position], params, rng, p_min)
+        if probs is not None:
+            self.probs[position] = probs if self.token_map is None else self.token_map.row(probs)
+        return self.to_shared(model_id), top_prob

@@ -202,6 +202,11 @@ def random_qwen35_weights(c: Qwen35Config, seed: int) -> dict[str, np.ndarray]:
             out[name] = rng.standard_normal(shape) / np.sqrt(c.ssm_d_conv)
         elif len(shape) == 1:  # RMSNorm gains (llama.cpp stores Qwen's 1 + w)
             out[name] = np.ones(shape)
+        elif name.endswith(".nextn.eh_proj.weight"):
+            # The MTP block reads the embedding of the token after h's position and ignores h: with
+            # small residuals it then predicts about what the trunk predicts one position later
+            # (a draft that agrees often enough to test with).
+            out[name] = np.concatenate([np.eye(c.n_embd), np.zeros((c.n_embd, c.n_embd))], axis=1)
         elif name.endswith(".ssm_alpha.weight"):
             out[name] = rng.standard_normal(shape) * 0.5 / np.sqrt(shape[1])
         else:

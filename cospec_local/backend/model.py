@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import ContextOverflowError, ModelLoadError, RollbackError
 from ._lib import _init_backend
+from .mtp import MtpHead, mtp_unavailable_reason
 from .build import check_build_fits_cpu, default_threads
 from .weights import EXACT_CPU_BATCH, EXACT_PREFILL_N_BATCH, LoadOptions, _Weights, check_gguf_file
 
@@ -107,6 +108,10 @@ class LlamaModel:
             self._batch.seq_id[i][0] = 0
         self._piece_cache: dict[int, bytes] = {}
         self.metadata = self._read_metadata()
+        # The model's own multi-token-prediction layers as a draft (`backend.mtp`): the head follows
+        # every decode of this context from the start, so it exists from load on.
+        self.mtp_unavailable = mtp_unavailable_reason(llama_cpp, self._model, self._weights.loaded_mtp)
+        self.mtp = MtpHead(self) if self.mtp_unavailable is None else None
 
     def new_context(self, n_threads: int | None = None) -> "LlamaModel":
         """Another context (own KV cache, own sequence) on these same weights: no second copy of
@@ -121,6 +126,9 @@ class LlamaModel:
         """Free the context and batch, and the weights once no other context uses them (safe to
         call twice)."""
         lib = self._lib
+        if getattr(self, "mtp", None) is not None:
+            self.mtp.close()
+            self.mtp = None
         if getattr(self, "_ctx", None):
             lib.llama_batch_free(self._batch)
             lib.llama_free(self._ctx)
@@ -268,6 +276,8 @@ class LlamaModel:
                 if rc == 1:
                     raise ContextOverflowError(f"llama.cpp found no KV slot for {m} tokens ({self.path.name})")
                 raise RuntimeError(f"llama_decode failed with code {rc} ({self.path.name})")
+            if self.mtp is not None:
+                self.mtp.follow(tokens[start:end], self.n_past)
             self.n_past += m
             if self._checkpoints is not None:
                 self._checkpoints.tokens.extend(tokens[start:end].tolist())
@@ -309,6 +319,8 @@ class LlamaModel:
         self.n_past = min(n_keep, int(self._lib.llama_memory_seq_pos_max(self._mem, 0)) + 1)
         if self._checkpoints is not None:
             self._checkpoints.forget_after(self.n_past)
+        if self.mtp is not None:
+            self.mtp.rollback(self.n_past)
 
     def reset(self) -> None:
         """Empty the KV cache."""
@@ -316,6 +328,8 @@ class LlamaModel:
         self.n_past = 0
         if self._checkpoints is not None:
             self._checkpoints.forget_after(0)
+        if self.mtp is not None:
+            self.mtp.reset()
 
 
 class RecurrentCheckpoints:

@@ -68,6 +68,9 @@ class LoadOptions:
     # llama.cpp RPC servers ('host:port') whose devices take this model's offloaded layers
     # (`n_gpu_layers`); empty: this machine's own devices only.
     rpc: tuple[str, ...] = ()
+    # Load the model's multi-token-prediction (MTP, "nextn") layers where its GGUF has them (one
+    # extra layer of weights; Qwen3.5/3.6), so they can draft (`--draft-source mtp`).
+    load_mtp: bool = True
 
 
 class _Weights:
@@ -87,6 +90,9 @@ class _Weights:
             chosen = connect_rpc(options.rpc) if options.rpc else local_offload_devices()
             self.devices = (ctypes.c_void_p * (len(chosen) + 1))(*chosen, None)  # NULL-terminated; kept alive
             params.devices = ctypes.cast(self.devices, ctypes.c_void_p)
+        self.loaded_mtp = options.load_mtp and hasattr(params, "load_mtp")
+        if self.loaded_mtp:
+            params.load_mtp = True
         self.lib = lib
         self.ptr = lib.llama_model_load_from_file(str(path).encode(), params)
         if not self.ptr:
