@@ -6,7 +6,7 @@ import json
 
 import click
 
-from cospec_local.config import MODES, GenerationConfig
+from cospec_local.config import MODES, GenerationConfig, parse_list
 
 from .options import family_problems, generation_options, handle_errors, mode_list, model_options
 
@@ -17,7 +17,7 @@ BENCH_DEFAULTS = {"temperature": 0.0, "max_tokens": 128}
 @model_options
 @generation_options(exclude=("mode",), base=GenerationConfig(**BENCH_DEFAULTS))
 @click.option("--modes", default="spec", show_default=True, help="Comma-separated modes to measure against the baseline; "
-              "'ngram' and 'ngram+model' are spec mode with that --draft-source.")
+              "'ngram', 'ngram+model', 'mtp' and 'ngram+mtp' are spec mode with that --draft-source.")
 @click.option("--baseline", default="target", show_default=True, type=click.Choice(MODES), help="Mode the speedups are measured against (collab for the CoS modes).")
 @click.option("--repeats", default=3, show_default=True, help="Repetitions (each runs every prompt in every mode).")
 @click.option("--sweep-k", default="", help="Also run spec with fixed draft lengths, e.g. 1,2,4,6.")
@@ -32,7 +32,8 @@ BENCH_DEFAULTS = {"temperature": 0.0, "max_tokens": 128}
 def bench(models, config, modes, baseline, repeats, sweep_k, family, num_prompts, prompt_set, out_path, plot_path):
     """Modes against a baseline (tokens/s and model calls per token), interleaved, with the formula's prediction."""
     from cospec_local.backend import build_info
-    from cospec_local.lab.bench import DRAFT_SOURCE_MODES, PROMPT_SETS, plot_report, run_bench
+    from cospec_local.lab.bench import DRAFT_SOURCE_MODES, PROMPT_SETS, bench_configs, plot_report, run_bench
+    from cospec_local.modes import mode_class
     from cospec_local.lab.testworld.tasks import TASK_STOP
 
     mode_names = mode_list(modes, DRAFT_SOURCE_MODES)
@@ -41,9 +42,10 @@ def bench(models, config, modes, baseline, repeats, sweep_k, family, num_prompts
         # Held-out problems past the first 10k (eval's range), num_prompts of each listed family.
         prompts = [p.prompt for name in family.split(",") for p in family_problems(name.strip(), num_prompts, 10_000)]
         config = config.with_(stop=tuple(config.stop) + TASK_STOP)
-    pair = models.open_pair()
+    ks = parse_list(sweep_k, int)
+    configs = bench_configs(config, mode_names, ks, baseline).values()
+    pair = models.open_pair(need_draft=any(mode_class(cfg).needs_draft(cfg) for cfg in configs))
     try:
-        ks = [int(x) for x in sweep_k.split(",") if x.strip()]
         report = run_bench(pair, prompts, config.max_tokens, repeats, config, ks, modes=mode_names, baseline=baseline)
     finally:
         pair.close()

@@ -46,8 +46,10 @@ def pair_lines(pair) -> list[str]:
             f"{model.n_layer()} layers, vocab {model.n_vocab}, n_ctx {model.n_ctx}, {model.n_threads} threads\n"
             f"  memory: {memory_line(model)}"
         )
-        if role == "target" and getattr(model, "mtp", None) is not None:
-            lines.append(f"  MTP: {model.mtp.n_layers} multi-token-prediction layer(s): can draft alone (--draft-source mtp)")
+        if role == "target" and model.n_mtp_layers:
+            usable = ("can draft alone (--draft-source mtp)" if model.mtp_unavailable is None
+                      else f"cannot draft: {model.mtp_unavailable}")
+            lines.append(f"  MTP: {model.n_mtp_layers} multi-token-prediction layer(s): {usable}")
     r = pair.report
     if r is not None:
         lines.append(f"pair: compatible ({r.vocab_type} tokenizer {r.tokenizer}); vocabularies: target {r.target_vocab}, "

@@ -191,8 +191,8 @@ class Spec(Mode):
                                                 conversation.ngram_length_policy if adaptive else None))
         if "mtp" in sources:
             target = engine.slots[engine.target_index]
-            if getattr(target.model, "mtp", None) is None:
-                reason = getattr(target.model, "mtp_unavailable", None) or "it has no MTP head"
+            reason = getattr(target.model, "mtp_unavailable", "it has no MTP head")
+            if reason is not None:
                 raise ValueError(f"--draft-source {config.draft_source} needs a target that drafts with its own "
                                  f"multi-token-prediction layers, but {getattr(target.model, 'path', target.name)}: {reason}")
             self.proposers.append(MtpProposer(target, conversation.mtp_length_policy if adaptive else None))

@@ -110,9 +110,14 @@ class MtpProposer(Proposer):
 
     def __init__(self, target_slot, length_policy: AdaptiveDraftLength | None = None):
         self.slot = target_slot
-        self.head = target_slot.model.mtp
+        self.head = None  # the target's MtpHead, made at the first generation that uses it
         self.length_policy = length_policy
         self._q: list = []  # q of each pending token it proposed (None when greedy)
+
+    def start(self) -> None:
+        if self.slot.model.mtp is None:
+            self.slot.reset()  # the new head must follow the target's cache from position 0
+        self.head = self.slot.model.enable_mtp()
 
     def propose(self, generation, n: int) -> int:
         context, pending = generation.context, generation.pending

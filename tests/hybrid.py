@@ -15,7 +15,9 @@ API:
   `mtp=True` appends one MTP (nextn) block after the trunk, as llama.cpp's qwen35 loader expects:
   `block_count` = n_layer + 1 and `nextn_predict_layers` = 1. llama.cpp skips that block unless
   the model is loaded with `llama_model_params.load_mtp = True` and it only runs in a context made
-  with `ctx_type = LLAMA_CONTEXT_TYPE_MTP`.
+  with `ctx_type = LLAMA_CONTEXT_TYPE_MTP`. Its eh_proj reads only the next token's embedding, so
+  with small residuals (`residual_scale=0.3`, `tied_output=False`) it predicts about what the trunk
+  predicts one position later: an MTP draft that is often but not always right (`test_mtp.py`).
 - `build_llama_draft(path, seed, n_layer=1, tied_output=True, residual_scale=1.0)`: a
   llama-architecture draft with the same vocabulary (families.write_family_model) and the same
   token embedding as `build_qwen35(..., seed)`.

@@ -43,7 +43,6 @@ def test_greedy_mtp_drafts_equal_target_only(mtp_models, source):
     accepted and rejected proposals, one MTP call per proposed token and fewer target calls than
     tokens."""
     with open_target(mtp_models["mtp"]) as pair:
-        assert pair.target.mtp is not None
         accepted = drafted = 0
         for prompt in PROMPTS:
             ref = greedy(pair, prompt, mode="target")
@@ -94,8 +93,9 @@ def test_the_mtp_head_after_rejections_equals_a_fresh_run(mtp_models):
         pair.target.rollback(len(context) - 1)  # where a next reply's first cycle drafts from
         after = np.array(pair.target.mtp.first_step(context[-1], len(context) - 1))
     with LlamaModel(mtp_models["mtp"], LoadOptions(n_ctx=512, n_threads=1)) as fresh:
+        fresh.enable_mtp()
         fresh.eval(context[:-1], 0)
-        expected = np.array(fresh.mtp.first_step(context[-1], len(context) - 1))
+        expected = np.array(fresh.enable_mtp().first_step(context[-1], len(context) - 1))
     np.testing.assert_array_equal(after, expected)
 
 
@@ -103,12 +103,12 @@ def test_mtp_is_refused_before_the_first_token_where_there_is_none(mtp_models):
     """A target without MTP layers, or loaded without them: a clear error when the stream is
     created, saying why; the same target still runs target-only."""
     with open_target(mtp_models["plain"]) as pair:
-        assert pair.target.mtp is None
+        assert pair.target.n_mtp_layers == 0
         with pytest.raises(ValueError, match="no MTP"):
             pair.stream(PROMPTS[0], mode="spec", draft_source="mtp")
         assert greedy(pair, PROMPTS[0], mode="target", max_tokens=4).tokens
     with LlamaModel(mtp_models["mtp"], LoadOptions(n_ctx=256, n_threads=1, load_mtp=False)) as model:
-        assert model.mtp is None and "loaded without its MTP layers" in model.mtp_unavailable
+        assert model.n_mtp_layers == 1 and "loaded without its MTP layers" in model.mtp_unavailable
     out = CliRunner().invoke(cli, ["generate", "--target", str(mtp_models["plain"]), "--ctx-size", "256", "--threads", "1",
                                    "--draft-source", "mtp", "--max-tokens", "4", "Hello"])
     assert out.exit_code != 0 and "no MTP" in out.output
@@ -125,3 +125,24 @@ def test_cli_generates_and_info_reports_the_mtp_head(mtp_models):
                                    "mtp", "--temperature", "0", "--max-tokens", "16", "--no-adaptive", PROMPTS[2]])
     assert out.exit_code == 0, out.output
     assert ref in out.output
+
+
+def test_a_chat_switching_to_mtp_mid_conversation_stays_exact(mtp_models):
+    """The head is made at the first MTP reply, after a target-only turn filled the cache (the
+    cache then starts over so the head sees every position); every turn equals target-only's, and
+    the turn after the MTP turn reuses the cache as target-only's does."""
+    replies, cached = {}, {}
+    for second_mode in ("target", "mtp"):
+        with open_target(mtp_models["mtp"]) as pair:
+            chat = pair.chat()
+            settings = dict(temperature=0, max_tokens=24, adaptive=False, draft_p_min=0.0)
+            first = chat.say("Hello there", mode="target", **settings)
+            assert pair.target.mtp is None
+            overrides = dict(mode="spec", draft_source="mtp", draft_max=3) if second_mode == "mtp" else dict(mode="target")
+            second = chat.say("Tell me more", **overrides, **settings)
+            third = chat.say("And then?", **overrides, **settings)
+            replies[second_mode] = (first.tokens, second.tokens, third.tokens)
+            cached[second_mode] = (second.stats.n_prompt_cached, third.stats.n_prompt_cached)
+    assert replies["mtp"] == replies["target"]
+    assert cached["mtp"][0] == 0 < cached["target"][0]  # the head's first turn starts over
+    assert cached["mtp"][1] == cached["target"][1] > 0

@@ -108,10 +108,11 @@ class LlamaModel:
             self._batch.seq_id[i][0] = 0
         self._piece_cache: dict[int, bytes] = {}
         self.metadata = self._read_metadata()
-        # The model's own multi-token-prediction layers as a draft (`backend.mtp`): the head follows
-        # every decode of this context from the start, so it exists from load on.
+        # The model's own multi-token-prediction layers as a draft (`backend.mtp`), made on first use
+        # (`enable_mtp`): from then on the head follows every decode of this context.
+        self.n_mtp_layers = int(llama_cpp.llama_model_n_layer_nextn(self._model))
         self.mtp_unavailable = mtp_unavailable_reason(llama_cpp, self._model, self._weights.loaded_mtp)
-        self.mtp = MtpHead(self) if self.mtp_unavailable is None else None
+        self.mtp: MtpHead | None = None
 
     def new_context(self, n_threads: int | None = None) -> "LlamaModel":
         """Another context (own KV cache, own sequence) on these same weights: no second copy of
@@ -120,6 +121,17 @@ class LlamaModel:
 
         options = replace(self.options, n_threads=n_threads or self.n_threads)
         return LlamaModel(self.path, options, _weights=self._weights)
+
+    def enable_mtp(self) -> MtpHead:
+        """The MTP head of this context, made now if needed. It must see every decode from position
+        0, so a context that already holds tokens is emptied first (the next prefill recomputes
+        them). Raises ValueError where the model has no usable MTP layers (`mtp_unavailable`)."""
+        if self.mtp is None:
+            if self.mtp_unavailable is not None:
+                raise ValueError(f"{self.path.name} cannot draft with MTP layers: {self.mtp_unavailable}")
+            self.reset()
+            self.mtp = MtpHead(self)
+        return self.mtp
 
     # -- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:

@@ -70,7 +70,6 @@ class MtpHead:
         self._set_nextn, self._get_nextn = _nextn_functions(lib)
         self.n_embd = int(lib.llama_model_n_embd(model._model))
         self.n_vocab = model.n_vocab
-        self.n_layers = int(lib.llama_model_n_layer_nextn(model._model))
         params = lib.llama_context_default_params()
         params.ctx_type = lib.LLAMA_CONTEXT_TYPE_MTP
         params.n_ctx = model.n_ctx

@@ -18,7 +18,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..config import GenerationConfig
+from ..config import DRAFT_SOURCES, GenerationConfig
 from ..stats import GenerationStats
 from .probes import measure_costs
 
@@ -60,7 +60,7 @@ GROUNDED_PROMPTS = [
 ]
 PROMPT_SETS = {"open": BENCH_PROMPTS, "grounded": GROUNDED_PROMPTS}
 # Bench names for spec mode with a given proposer (the name is the --draft-source).
-DRAFT_SOURCE_MODES = ("model", "ngram", "ngram+model")
+DRAFT_SOURCE_MODES = DRAFT_SOURCES
 
 
 def verify_ratio(costs: dict, n_rows: float) -> float:
@@ -82,6 +82,18 @@ def _run(pair, config: GenerationConfig, prompts, max_tokens: int) -> dict:
     return {"stats": total, "outputs": outputs}
 
 
+def bench_configs(base: GenerationConfig, modes: list[str] | None = None, sweep_k: list[int] | None = None,
+                  baseline: str = "target") -> dict[str, GenerationConfig]:
+    """The configs `run_bench` measures, by report name: each of `modes` (a draft source names spec
+    mode with that source), fixed-k spec for `sweep_k`, and the baseline."""
+    configs = {name: replace(base, mode="spec", draft_source=name) if name in DRAFT_SOURCE_MODES
+               else replace(base, mode=name) for name in (modes or ["spec"])}
+    for k in sweep_k or []:
+        configs[f"spec_k{k}"] = replace(base, mode="spec", draft_max=k, adaptive=False)
+    configs[baseline] = replace(base, mode=baseline)
+    return configs
+
+
 def run_bench(
     pair,
     prompts=BENCH_PROMPTS,
@@ -98,11 +110,7 @@ def run_bench(
     from tqdm import tqdm
 
     base = config or GenerationConfig(temperature=0.0)
-    configs = {name: replace(base, mode="spec", draft_source=name) if name in DRAFT_SOURCE_MODES
-               else replace(base, mode=name) for name in (modes or ["spec"])}
-    for k in sweep_k or []:
-        configs[f"spec_k{k}"] = replace(base, mode="spec", draft_max=k, adaptive=False)
-    configs[baseline] = replace(base, mode=baseline)
+    configs = bench_configs(base, modes, sweep_k, baseline)
     for cfg in configs.values():
         pair.engine.check(cfg)  # a mode these models cannot run fails now, not after minutes
 
