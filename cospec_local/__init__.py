@@ -12,11 +12,12 @@ from .errors import (
     ModelLoadError,
     RollbackError,
 )
+from .grammar import Grammar, GrammarError
 from .sampling import SamplingParams
 
 __all__ = [
     "ChatSession", "ContextOverflowError", "CospecError", "DoneEvent", "EngineBusyError", "GenerationConfig",
-    "GenerationResult", "GenerationStats", "IncompatiblePairError", "ModelLoadError", "Pair",
+    "GenerationResult", "GenerationStats", "Grammar", "GrammarError", "IncompatiblePairError", "ModelLoadError", "Pair",
     "RollbackError", "SamplingParams", "TokenEvent", "default_pair", "load_pair",
 ]
 

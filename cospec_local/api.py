@@ -18,6 +18,7 @@ from .backend import LlamaModel, LoadOptions
 from .chat import ChatTemplate
 from .config import GenerationConfig
 from .engine import DoneEvent, Engine, GenerationStats, TokenEvent
+from .grammar import Grammar
 from .slots import ModelSlot
 from .vocab import PairReport, check_pair
 from .verify import Verifier
@@ -148,21 +149,24 @@ class Pair:
         return list(prompt)
 
     def stream(
-        self, prompt: str | list[int], config: GenerationConfig | None = None, verifier: Verifier | None = None, **overrides
+        self, prompt: str | list[int], config: GenerationConfig | None = None, verifier: Verifier | None = None,
+        grammar: Grammar | None = None, **overrides
     ) -> Iterator[TokenEvent | DoneEvent]:
         """Yield a TokenEvent per generated token, then a DoneEvent with the statistics.
 
-        `overrides` are GenerationConfig fields (max_tokens=..., temperature=..., mode=...). Bad
-        input raises here, before the first event.
+        `overrides` are GenerationConfig fields (max_tokens=..., temperature=..., mode=...);
+        `grammar` constrains the completion (`Grammar.json_schema(...)`, `.regex`, `.lark`, ...). Bad
+        input (an invalid grammar too) raises here, before the first event.
         """
         config = (config or GenerationConfig()).with_(**overrides)
-        return self.engine.stream(self._context(prompt), config, verifier, self.conversation)
+        return self.engine.stream(self._context(prompt), config, verifier, self.conversation, grammar)
 
     def generate(
-        self, prompt: str | list[int], config: GenerationConfig | None = None, verifier: Verifier | None = None, **overrides
+        self, prompt: str | list[int], config: GenerationConfig | None = None, verifier: Verifier | None = None,
+        grammar: Grammar | None = None, **overrides
     ) -> GenerationResult:
-        """Generate a completion of `prompt` and return it with its statistics."""
-        return collect(self.stream(prompt, config, verifier, **overrides))
+        """Generate a completion of `prompt` (constrained by `grammar`, if given) with its statistics."""
+        return collect(self.stream(prompt, config, verifier, grammar, **overrides))
 
     def chat(self, system: str | None = None) -> "ChatSession":
         """A multi-turn chat using the target's chat template (or a transcript for base models)."""
@@ -194,9 +198,11 @@ class ChatSession:
             return self.tokens + self.pair.target.tokenize(delta, add_bos=False), full
         return self.pair.tokenize(full), full
 
-    def send(self, user_text: str, config: GenerationConfig | None = None, **overrides) -> Iterator[TokenEvent | DoneEvent]:
-        """Stream the reply to `user_text`. Bad input raises here (the conversation is unchanged);
-        stopping early (break, Ctrl-C) keeps what was shown as the reply, and the session stays usable."""
+    def send(self, user_text: str, config: GenerationConfig | None = None, grammar: Grammar | None = None,
+             **overrides) -> Iterator[TokenEvent | DoneEvent]:
+        """Stream the reply to `user_text` (constrained by `grammar`, if given). Bad input raises
+        here (the conversation is unchanged); stopping early (break, Ctrl-C) keeps what was shown as
+        the reply, and the session stays usable."""
         if not user_text.strip():
             raise ValueError("empty message")
         config = (config or GenerationConfig()).with_(**overrides)
@@ -204,7 +210,7 @@ class ChatSession:
             config = config.with_(stop=tuple(config.stop) + self.template.stop)
         messages = self.messages + [{"role": "user", "content": user_text}]
         context, rendered = self._turn_tokens(messages)
-        events = self.pair.engine.stream(context, config, conversation=self.conversation)
+        events = self.pair.engine.stream(context, config, conversation=self.conversation, grammar=grammar)
         return self._relay(events, context, messages, rendered)
 
     def _relay(self, events, context: list[int], messages: list[dict], rendered: str) -> Iterator[TokenEvent | DoneEvent]:
@@ -225,9 +231,10 @@ class ChatSession:
             # The reply as the engine committed it (what the KV cache holds after the prompt).
             self._rendered += self.pair.target.detokenize(self.tokens[len(context) :])
 
-    def say(self, user_text: str, config: GenerationConfig | None = None, **overrides) -> GenerationResult:
+    def say(self, user_text: str, config: GenerationConfig | None = None, grammar: Grammar | None = None,
+            **overrides) -> GenerationResult:
         """Send a message and return the whole reply."""
-        return collect(self.send(user_text, config, **overrides))
+        return collect(self.send(user_text, config, grammar, **overrides))
 
 
 def load_pair(draft: str | os.PathLike | None, target: str | os.PathLike, **options) -> Pair:

@@ -95,7 +95,9 @@ class WeightedEnsemble:
                 out += w * row
             else:  # trimmed draft: add its mass at the target ids it has
                 out[row.map.draft_to_target] += w * row.draft_probs
-        return out
+        # Under a grammar a member whose vocabulary has no allowed token contributes nothing.
+        total = out.sum()
+        return out / total if total > 0 else out
 
     def argmax(self, bundle, j):
         # In greedy mode bundle.probs are plain softmaxes: argmax of their mixture.
@@ -111,6 +113,9 @@ class Contrastive:
     def __init__(self, expert: int, amateur: int, mu: float = 0.1):
         self.members = (amateur, expert)
         self.expert, self.amateur, self.mu = expert, amateur, mu
+        # A grammar masks r through the expert's logits alone (-inf there is -inf in r, whatever
+        # the amateur says; masking the amateur too would give -inf + inf).
+        self.constrained = (expert,)
 
     def logits(self, bundle, j) -> np.ndarray:
         expert = bundle.logits(self.expert, j).astype(np.float64)
@@ -120,7 +125,10 @@ class Contrastive:
             full = np.full(bundle.n_vocab, float(amateur.min()))
             full[token_map.draft_to_target] = amateur
             amateur = full
-        return expert - self.mu * amateur
+        combined = expert - self.mu * amateur
+        # A token the grammar forbids is -inf in both rows when a proposer masked the amateur's: -inf.
+        combined[np.isnan(combined)] = -np.inf
+        return combined
 
     def probs(self, bundle, j):
         return logits_to_probs(self.logits(bundle, j), bundle.params)

@@ -46,13 +46,14 @@ from .arbiter import DEFAULT_POLICY, OnnxPolicy
 from .config import GenerationConfig
 from .draft_length import AdaptiveDraftLength
 from .errors import ContextOverflowError, EngineBusyError
+from .grammar import Grammar, GrammarState
 from .modes import Mode, mode_class
 from .ngram import NgramIndex, SharedNgramPool
 from .proposers import Proposer
 from .slots import ModelSlot
 from .stats import GenerationStats
 from .text import TextStream
-from .verify import PROPOSED_KINDS, SAMPLED, RowBundle, Verdict, Verifier
+from .verify import FORCED, PROPOSED_KINDS, SAMPLED, RowBundle, Verdict, Verifier
 
 PREFILL_PIECE = 256  # prompt tokens evaluated between two looks at Conversation.cancelled
 COMBINED = "combined"  # the producing "slot" of a token drawn from r over several models
@@ -62,7 +63,7 @@ COMBINED = "combined"  # the producing "slot" of a token drawn from r over sever
 class TokenEvent:
     """One emitted token. `text` is the text it adds (may be empty while a UTF-8 character or a
     possible stop string is incomplete); `source` says how it was produced (`verify.ACCEPTED`,
-    CORRECTION, BONUS, SAMPLED, ARBITRATED) and `slot` which model produced it ('draft', 'target',
+    CORRECTION, BONUS, SAMPLED, ARBITRATED, FORCED) and `slot` which model produced it ('draft', 'target',
     'model1', ... or 'combined' for a draw from r over several models)."""
 
     token: int
@@ -129,11 +130,26 @@ class Generation:
         self.started = time.perf_counter()
         self.round_started = self.started
         self.stopped = False  # an end-of-generation token or a stop string ended the reply
+        self.grammar: GrammarState | None = None  # the reply's constraint, if any
 
     def add_pending(self, token: int, proposer: Proposer) -> None:
         """Append a proposed token (shared ids)."""
         self.pending.append(token)
         self.proposed_by.append(proposer)
+
+    def constrain(self, row: np.ndarray, position: int, token_map=None) -> bool:
+        """Mask `row` (logits for pending position `position`, in place; `token_map`: the row is
+        in a draft's ids) with the grammar; False when that position is unreachable (a pending
+        token before it is forbidden: the row will not be read)."""
+        if self.grammar is None:
+            return True
+        bias = self.grammar.bias(self.pending, position)
+        if bias is None:
+            return False
+        if token_map is not None:
+            bias = bias[token_map.draft_to_target]
+        np.add(row, bias, out=row)
+        return bool(np.isfinite(row).any())
 
 
 class Engine:
@@ -193,14 +209,20 @@ class Engine:
         config: GenerationConfig,
         verifier: Verifier | None = None,
         conversation: Conversation | None = None,
+        grammar: Grammar | None = None,
     ) -> Iterator[TokenEvent | DoneEvent]:
         """Generate after `context_tokens`, yielding a TokenEvent per token and a final DoneEvent.
+        With a `grammar`, the reply follows the constrained target (see `grammar`).
 
-        Bad input (empty prompt, a prompt that does not fit, a mode these models cannot run, the
-        engine already generating) raises here, before the first event.
+        Bad input (empty prompt, a prompt that does not fit, a mode these models cannot run, an
+        invalid grammar, the engine already generating) raises here, before the first event.
         """
         conversation = conversation or Conversation()
         mode = self.mode_for(config, conversation)
+        state = None
+        if grammar is not None:
+            target = self.slots[self.target_index].model
+            state = GrammarState(target.grammar_tokenizer(), grammar.compile(), self.n_vocab)
         if not context_tokens:
             raise ValueError("the prompt is empty: give at least one token")
         if len(context_tokens) >= self.n_ctx:
@@ -210,7 +232,7 @@ class Engine:
             )
         self._check_idle()
         conversation.cancelled = False  # a cancel from now on stops this generation
-        return self._generate(list(context_tokens), mode, verifier or mode.verifier(), conversation)
+        return self._generate(list(context_tokens), mode, verifier or mode.verifier(), conversation, state)
 
     def load_policy(self, path: str | None) -> OnnxPolicy:
         """The ONNX arbitration policy at `path` (default: the shipped one), loaded once (again
@@ -228,12 +250,14 @@ class Engine:
                 "the other stream first, or load another engine for parallel conversations"
             )
 
-    def _generate(self, context_tokens, mode: Mode, verifier: Verifier, conv: Conversation) -> Iterator[TokenEvent | DoneEvent]:
+    def _generate(self, context_tokens, mode: Mode, verifier: Verifier, conv: Conversation,
+                  grammar: GrammarState | None = None) -> Iterator[TokenEvent | DoneEvent]:
         self._check_idle()  # another stream may have started between stream() and the first next()
         config = mode.config
         seed = config.sampling.seed
         gen = Generation(context_tokens, config, np.random.default_rng(seed) if seed is not None else conv.rng,
                          GenerationStats(n_prompt=len(context_tokens)))
+        gen.grammar = grammar
         text = TextStream(config.stop)
         start = getattr(verifier, "start", None)  # a verifier with per-reply state (the arbiter)
         if start is not None:
@@ -302,6 +326,8 @@ class Engine:
                 gen.stopped = True
                 return
             gen.context.append(token)
+            if gen.grammar is not None:
+                gen.grammar.commit([token])
             gen.stats.n_generated += 1
             yield TokenEvent(token, text.push(token_bytes(token)), kind, maker)
             if text.stopped:
@@ -331,6 +357,8 @@ class Engine:
                     stats.t_models[slot.name] = slot.seconds
             stats.t_llama = sum(slot.model.decode_seconds for slot in self.slots) - llama0
             stats.t_state_copies = sum(slot.model.state_copy_seconds for slot in self.slots) - copies0
+            if gen.grammar is not None:
+                stats.t_grammar = gen.grammar.seconds
             stats.finish_reason = finish
             conv.last_stats = stats
             if conv.ngram_pool is not None:
@@ -341,6 +369,13 @@ class Engine:
     def _round(self, gen: Generation, mode: Mode, verifier: Verifier) -> list[tuple[int, str, str]]:
         """Turns until a verification emits tokens; returns [(token, kind, producer name)]."""
         gen.round_started = time.perf_counter()
+        if gen.grammar is not None and not gen.pending:
+            forced = gen.grammar.forced(max(gen.limit, 1))
+            if forced:  # the constrained target is one-hot there: no model needs to decide
+                for i in mode.active:
+                    self.slots[i].clear_rows()  # rows for the position the forced token now fills
+                gen.stats.n_forced += len(forced)
+                return [(token, FORCED, "grammar") for token in forced]
         while True:
             bundle = self._bundle(gen, mode)
             if bundle is None:  # 1. draft, or 2. score: one model call
@@ -358,6 +393,16 @@ class Engine:
         if n_positions == 0:
             return None
         t = min(n_positions, len(gen.pending))
+        if gen.grammar is not None:  # every verified row follows the constrained target
+            constrained = getattr(mode.combination, "constrained", mode.combination.members)
+            for j in range(n_positions):
+                for i in constrained:
+                    slot = slots[i]
+                    if not gen.constrain(slot.rows[j], j, slot.token_map):
+                        break
+                else:
+                    continue
+                break
         return RowBundle(slots, mode.combination, gen.config.sampling, gen.pending[:t], gen.proposed_by[:t],
                          n_positions, self.n_vocab)
 

@@ -243,6 +243,9 @@ class Spec(Mode):
         if best is None:
             return False
         self._drafted_by, self._k = best, best.propose(gen, best_n)
+        if self._k == 0:  # e.g. the grammar allows nothing the proposer could write: a target step
+            self._drafted_by = None
+            return False
         return True
 
     def observe_score(self, n_rows, seconds):
@@ -296,8 +299,8 @@ class CoSpec(Mode):
         return ArbitratingVerifier(self.engine.load_policy(self.config.policy), self.config.threshold)
 
     def take_turn(self, gen):
-        if not gen.pending and gen.limit > 0:
-            self.model.propose(gen, min(self.config.draft_max + 1, gen.limit))
+        # (A proposer writes nothing when the grammar allows nothing it could write: then score.)
+        if not gen.pending and gen.limit > 0 and self.model.propose(gen, min(self.config.draft_max + 1, gen.limit)):
             return
         self.score(gen)
 
@@ -341,8 +344,7 @@ class CosNaive(Collab):
                 "predicted_speedup_with_verify_cost": predicted_cos_naive_speedup(alpha, gamma, c, verify_ratio(gamma + 1))}
 
     def take_turn(self, gen):
-        if not gen.pending and self.gammas[0] > 0 and gen.limit > 0:
-            self.proposers[0].propose(gen, self.gammas[0])
+        if not gen.pending and self.gammas[0] > 0 and gen.limit > 0 and self.proposers[0].propose(gen, self.gammas[0]):
             return
         self.score(gen)
 
@@ -368,18 +370,19 @@ class Cos(Collab):
         if not pending:
             proposer = self._first_proposer()
             n = self.gammas[proposer.index]
-            if n > 0 and limit > 0:
-                proposer.propose(gen, n)
+            if n > 0 and limit > 0 and proposer.propose(gen, n):
                 return
         else:
             owner = gen.proposed_by[0]
             n_more = min(self.gammas[owner.index], limit) - len(pending)
-            if n_more > 0 and all(p is owner for p in gen.proposed_by) and len(owner.slot.rows) == len(pending):
-                owner.propose(gen, n_more)
+            if (n_more > 0 and all(p is owner for p in gen.proposed_by) and len(owner.slot.rows) == len(pending)
+                    and owner.propose(gen, n_more)):
                 return
         i = self.score(gen)
-        if len(pending) < limit:  # the scoring model's own sample extends the proposal
-            token, _ = self.slots[i].draw(len(pending), self.config.sampling, gen.rng)
+        slot, j = self.slots[i], len(pending)
+        # The scoring model's own sample extends the proposal (from its row masked by the grammar).
+        if j < limit and gen.constrain(slot.rows[j], j, slot.token_map) and np.isfinite(slot.rows[j]).any():
+            token, _ = slot.draw(j, self.config.sampling, gen.rng)
             gen.add_pending(token, self.proposers[i])
 
     def _first_proposer(self) -> ModelProposer:

@@ -21,9 +21,17 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from .draft_length import CATCH_UP_WINDOW, AdaptiveDraftLength
 from .ngram import NgramIndex, OneHotProposal, SharedNgramPool
 from .sampling import draw
+
+
+def _constrained(generation, row, position: int, token_map=None) -> bool:
+    """Mask a draft row with the grammar (in place); False when nothing it could propose there is
+    allowed (or the position cannot be reached): stop drafting."""
+    return generation.constrain(row, position, token_map) and bool(np.isfinite(row).any())
 
 
 class Proposer:
@@ -84,6 +92,8 @@ class ModelProposer(Proposer):
             position = len(pending)
             if len(slot.rows) <= position:
                 slot.score(generation.context, pending)
+            if not _constrained(generation, slot.rows[position], position, slot.token_map):
+                break
             # Stop when the draft's confidence drops (moot for the last token).
             p_min = generation.config.draft_p_min if self.stops_when_unsure and step < n - 1 else 0.0
             token, top_prob = slot.draw(position, params, generation.rng, p_min)
@@ -130,6 +140,8 @@ class MtpProposer(Proposer):
         self._q = []
         row = head.first_step(context[-1], start)
         for step in range(n):
+            if not _constrained(generation, row, step):
+                break
             # Stop when the head's confidence drops (moot for the last token).
             p_min = generation.config.draft_p_min if step < n - 1 else 0.0
             token, top_prob, q = draw(row, params, generation.rng, p_min)
@@ -141,7 +153,7 @@ class MtpProposer(Proposer):
         seconds, calls = time.perf_counter() - t0, head.calls - calls0
         stats.model_calls[self.name] = stats.model_calls.get(self.name, 0) + calls
         stats.t_models[self.name] = stats.t_models.get(self.name, 0.0) + seconds
-        if self.length_policy is not None:
+        if self.length_policy is not None and calls:
             self.length_policy.observe_draft_step(seconds / calls)
         return len(self._q)
 
@@ -176,6 +188,8 @@ class NgramProposer(Proposer):
         found = self.index.propose(generation.context, n)
         if not found and self.pool is not None:
             found = self.pool.propose(generation.context, n)
+        if found and generation.grammar is not None:  # never propose what the grammar forbids
+            found = generation.grammar.valid_prefix(generation.pending, found)
         return found
 
     def propose(self, generation, n: int) -> int:

@@ -22,6 +22,7 @@ class GenerationStats:
     draft_lengths: list[int] = field(default_factory=list)  # per cycle: proposed tokens verified
     model_calls: dict[str, int] = field(default_factory=dict)  # llama.cpp calls with logits, per slot
     t_models: dict[str, float] = field(default_factory=dict)  # seconds in llama.cpp, per slot
+    n_forced: int = 0  # tokens the grammar alone allowed, emitted with no model call
     n_mismatches: int = 0  # proposed tokens verification rejected (before any arbiter)
     n_overrides: int = 0  # cospec: of those, proposed tokens the arbiter kept
     t_prefill: float = 0.0
@@ -29,6 +30,7 @@ class GenerationStats:
     t_arbiter: float = 0.0  # cospec: computing features and scoring the policy (inside t_overhead)
     t_llama: float = 0.0  # seconds inside llama_decode (prefill and decode, every model)
     t_state_copies: float = 0.0  # hybrid/recurrent models: saving and restoring recurrent states
+    t_grammar: float = 0.0  # constrained decoding: masks, consuming and rolling back grammar states
     finish_reason: str = ""
 
     @property

@@ -35,6 +35,7 @@ CORRECTION = "correction"  # drawn from the residual (or r's argmax) after a rej
 BONUS = "bonus"  # drawn from r after every proposed token was accepted
 SAMPLED = "sampled"  # drawn from r with nothing proposed (target-only, draft-only, collab steps)
 ARBITRATED = "arbitrated"  # a mismatching proposed token a verifier chose to keep (CoSpec)
+FORCED = "forced"  # the only token the grammar allowed: emitted with no model call
 PROPOSED_KINDS = (ACCEPTED, ARBITRATED)  # tokens a proposer wrote
 
 
@@ -72,7 +73,11 @@ class RowBundle:
         slot = self.slots[i]
         row = slot.probs[j]
         if row is None:
-            row = softmax(slot.rows[j]) if self.params.greedy else logits_to_probs(slot.rows[j], self.params)
+            logits = slot.rows[j]
+            if not np.isfinite(logits.max()):  # a grammar allows nothing in this model's vocabulary here
+                row = np.zeros(len(logits))
+            else:
+                row = softmax(logits) if self.params.greedy else logits_to_probs(logits, self.params)
             if slot.token_map is not None:
                 row = slot.token_map.row(row)
             slot.probs[j] = row

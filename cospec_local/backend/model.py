@@ -122,6 +122,16 @@ class LlamaModel:
         options = replace(self.options, n_threads=n_threads or self.n_threads)
         return LlamaModel(self.path, options, _weights=self._weights)
 
+    def grammar_tokenizer(self):
+        """llguidance's tokenizer for this model's vocabulary, ending at any end-of-generation token
+        (built once per loaded model and shared by its contexts: ~1 s for a 150k vocabulary)."""
+        weights = self._weights
+        if getattr(weights, "grammar_tokenizer", None) is None:
+            from llguidance.llamacpp import lltokenizer_from_vocab
+
+            weights.grammar_tokenizer = lltokenizer_from_vocab(self._vocab, eos_token=[int(t) for t in self.eog_ids()])
+        return weights.grammar_tokenizer
+
     def enable_mtp(self) -> MtpHead:
         """The MTP head of this context, made now if needed. It must see every decode from position
         0, so a context that already holds tokens is emptied first (the next prefill recomputes
