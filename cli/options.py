@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import click
 
 from cospec_local.backend import KERNELS
-from cospec_local.config import COMBINATIONS, DRAFT_SOURCES, MODES, GenerationConfig, config_fields, parse_list
+from cospec_local.config import COMBINATIONS, DRAFT_SOURCES, GRAMMAR_ASSISTS, MODES, GenerationConfig, config_fields, parse_list
 from cospec_local.errors import CospecError
 from cospec_local.modes import mode_class
 
@@ -153,7 +153,7 @@ def generation_options(fn=None, *, exclude=(), base: GenerationConfig | None = N
 def _config_flag(name, field_default, default, help_text, flag, items):
     """The click option of one config field (`default`: the value the help names)."""
     decls = flag.split("/") if flag else ["--" + name.replace("_", "-")]
-    choices = {"draft_source": DRAFT_SOURCES, "combine": COMBINATIONS, "mode": MODES}
+    choices = {"draft_source": DRAFT_SOURCES, "combine": COMBINATIONS, "mode": MODES, "grammar_assist": GRAMMAR_ASSISTS}
     if items is not None:
         return click.option(*decls, name, type=str, default=None, help=help_text)
     if name in choices:

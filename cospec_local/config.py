@@ -13,6 +13,7 @@ MODES = ("spec", "target", "draft", "collab", "cos", "cos-naive", "cospec")
 COMBINATIONS = ("we", "cd")
 DRAFT_SOURCES = ("model", "ngram", "ngram+model", "mtp", "ngram+mtp")
 DEFAULT_DRAFT_MAX = 6
+GRAMMAR_ASSISTS = ("verify", "drafts", "forced")
 
 
 def _opt(default, help: str, flag: str | None = None, items: type | None = None):
@@ -53,6 +54,10 @@ class GenerationConfig:
                              "suffix earlier in it; no draft model needed), mtp (the target's own multi-token-prediction layers, "
                              "Qwen3.5/3.6 GGUFs that carry them; no draft model needed) or ngram+mtp.")
     draft_p_min: float = _opt(0.3, "Stop drafting when the draft's top probability falls below this.")
+    grammar_assist: str = _opt("forced", "With a grammar (--json-schema, --grammar): how speculation uses it: verify (mask the "
+                               "verified rows only), drafts (also mask draft rows and cut n-gram proposals at a forbidden token), "
+                               "forced (also emit tokens the grammar alone allows with no model call, and propose the bytes it "
+                               "forces for free).")
     adaptive: bool = _opt(True, "Adapt the draft length to measured acceptance and costs (spec mode).")
     combine: str = _opt("we", "Collaborative modes: how r combines the models: we (weighted ensemble of "
                         "probabilities) or cd (contrastive decoding: target logits - mu x draft logits).")
@@ -79,6 +84,8 @@ class GenerationConfig:
             raise ValueError("temperature must be >= 0")
         if self.draft_source not in DRAFT_SOURCES:
             raise ValueError(f"draft_source must be one of {DRAFT_SOURCES}, not {self.draft_source!r}")
+        if self.grammar_assist not in GRAMMAR_ASSISTS:
+            raise ValueError(f"grammar_assist must be one of {GRAMMAR_ASSISTS}, not {self.grammar_assist!r}")
         if self.combine not in COMBINATIONS:
             raise ValueError(f"combine must be one of {COMBINATIONS}, not {self.combine!r}")
         if self.mu < 0:

@@ -137,19 +137,18 @@ class Generation:
         self.pending.append(token)
         self.proposed_by.append(proposer)
 
+    def constrain_draft(self, row: np.ndarray, position: int, token_map=None) -> bool:
+        """`constrain` for a proposer's row, unless the grammar only masks verified rows
+        (`grammar_assist` "verify")."""
+        if self.grammar is None or self.config.grammar_assist == "verify":
+            return True
+        return self.constrain(row, position, token_map)
+
     def constrain(self, row: np.ndarray, position: int, token_map=None) -> bool:
         """Mask `row` (logits for pending position `position`, in place; `token_map`: the row is
         in a draft's ids) with the grammar; False when that position is unreachable (a pending
         token before it is forbidden: the row will not be read)."""
-        if self.grammar is None:
-            return True
-        bias = self.grammar.bias(self.pending, position)
-        if bias is None:
-            return False
-        if token_map is not None:
-            bias = bias[token_map.draft_to_target]
-        np.add(row, bias, out=row)
-        return bool(np.isfinite(row).any())
+        return self.grammar is None or self.grammar.mask_row(row, self.pending, position, token_map)
 
 
 class Engine:
@@ -369,7 +368,7 @@ class Engine:
     def _round(self, gen: Generation, mode: Mode, verifier: Verifier) -> list[tuple[int, str, str]]:
         """Turns until a verification emits tokens; returns [(token, kind, producer name)]."""
         gen.round_started = time.perf_counter()
-        if gen.grammar is not None and not gen.pending:
+        if gen.grammar is not None and not gen.pending and gen.config.grammar_assist == "forced":
             forced = gen.grammar.forced(max(gen.limit, 1))
             if forced:  # the constrained target is one-hot there: no model needs to decide
                 for i in mode.active:

@@ -8,9 +8,10 @@ tokenizer built once per model from its llama.cpp vocabulary (`LlamaModel.gramma
 - `Grammar`: what the user asked for (a JSON schema, any JSON object, a regular expression, a Lark
   or GBNF grammar); `compile()` checks it and raises `GrammarError` naming what is wrong.
 - `GrammarState`: one generation's matcher. It sits at the committed context and follows the
-  pending tokens on demand: `bias(j)` is the additive mask (0 allowed, -inf forbidden) of pending
-  position j, i.e. after the committed reply and pending tokens 0..j-1, which the engine adds to
-  every verified row (and the proposers to their draft rows) before anything reads them.
+  pending tokens on demand: `forbidden(pending, j)` is the set of tokens the grammar forbids at
+  pending position j, i.e. after the committed reply and pending tokens 0..j-1; `mask_row` sets
+  them to -inf in a row of logits, which the engine does to every verified row (and the proposers
+  to their draft rows) before anything reads them.
   `commit(tokens)` moves the committed state on; `forced()` lists the tokens that are the only one
   the grammar allows, one after the other (emitted with no model call: the constrained target is
   one-hot there); `fast_forward()` the canonical tokens of the bytes the grammar forces (a free
@@ -20,6 +21,7 @@ tokenizer built once per model from its llama.cpp vocabulary (`LlamaModel.gramma
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -68,32 +70,37 @@ class Grammar:
         return cls("gbnf", text)
 
     def compile(self) -> str:
-        """The llguidance grammar; raises GrammarError when the input is invalid."""
-        from llguidance import LLMatcher
-        from llguidance.gbnf_to_lark import any_to_lark
+        """The llguidance grammar; raises GrammarError when the input is invalid. Cached: a client
+        repeating its schema pays the checks once (~35 ms for a small schema)."""
+        return _compile(self.kind, self.text)
 
-        if self.kind not in GRAMMAR_KINDS:
-            raise GrammarError(f"unknown grammar kind {self.kind!r}; choose one of {', '.join(GRAMMAR_KINDS)}")
-        if self.kind in ("json_schema", "json_object"):
-            schema = check_json_schema(self.text) if self.kind == "json_schema" else {"type": "object"}
+
+@functools.lru_cache(maxsize=64)
+def _compile(kind: str, text: str) -> str:
+    from llguidance import LLMatcher
+    from llguidance.gbnf_to_lark import any_to_lark
+
+    if kind not in GRAMMAR_KINDS:
+        raise GrammarError(f"unknown grammar kind {kind!r}; choose one of {', '.join(GRAMMAR_KINDS)}")
+    if kind in ("json_schema", "json_object"):
+        schema = check_json_schema(text) if kind == "json_schema" else {"type": "object"}
+        try:
+            compiled = LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+        except ValueError as e:
+            raise GrammarError(f"invalid JSON schema: {e}") from None
+    elif kind == "regex":
+        compiled = LLMatcher.grammar_from_regex(text)
+    else:
+        if kind == "gbnf":
             try:
-                compiled = LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
-            except ValueError as e:
-                raise GrammarError(f"invalid JSON schema: {e}") from None
-        elif self.kind == "regex":
-            compiled = LLMatcher.grammar_from_regex(self.text)
-        else:
-            text = self.text
-            if self.kind == "gbnf":
-                try:
-                    text = any_to_lark(text)
-                except Exception as e:  # its parser raises its own error types
-                    raise GrammarError(f"invalid GBNF grammar: {e}") from None
-            compiled = LLMatcher.grammar_from_lark(text)
-        is_error, messages = LLMatcher.validate_grammar_with_warnings(compiled)
-        if is_error:
-            raise GrammarError(f"invalid {self.kind.replace('_', ' ')}: {messages[0] if messages else 'rejected'}")
-        return compiled
+                text = any_to_lark(text)
+            except Exception as e:  # its parser raises its own error types
+                raise GrammarError(f"invalid GBNF grammar: {e}") from None
+        compiled = LLMatcher.grammar_from_lark(text)
+    is_error, messages = LLMatcher.validate_grammar_with_warnings(compiled)
+    if is_error:
+        raise GrammarError(f"invalid {kind.replace('_', ' ')}: {messages[0] if messages else 'rejected'}")
+    return compiled
 
 
 def check_json_schema(text: str) -> dict:
@@ -126,7 +133,7 @@ class GrammarState:
         self.n_vocab = n_vocab
         self._words = np.zeros((n_vocab + 31) // 32, dtype=np.int32)
         self._consumed: list[int] = []  # pending tokens consumed past the committed state
-        self._bias: dict[int, np.ndarray | None] = {}  # pending position -> mask (None: unreachable)
+        self._forbidden: dict[int, np.ndarray | None] = {}  # pending position -> bool row (None: unreachable)
         self.seconds = 0.0  # time in grammar work (masks, consuming, rolling back)
 
     # -- following the pending tokens ----------------------------------------------------------------
@@ -142,7 +149,7 @@ class GrammarState:
         if keep < len(self._consumed):
             self.matcher.rollback(len(self._consumed) - keep)
             del self._consumed[keep:]
-            self._bias = {k: v for k, v in self._bias.items() if k <= keep}
+            self._forbidden = {k: v for k, v in self._forbidden.items() if k <= keep}
         for token in target[keep:]:
             if self.matcher.validate_tokens([token]) != 1:
                 return False
@@ -150,20 +157,31 @@ class GrammarState:
             self._consumed.append(token)
         return True
 
-    def bias(self, pending: list[int], j: int) -> np.ndarray | None:
-        """The additive mask for pending position j (0: allowed, -inf: forbidden), or None when a
-        pending token before j is forbidden."""
-        if j in self._bias and len(self._consumed) >= j and self._consumed[:j] == pending[:j]:
-            return self._bias[j]
+    def forbidden(self, pending: list[int], j: int) -> np.ndarray | None:
+        """The tokens forbidden at pending position j (a bool row over the vocabulary), or None
+        when a pending token before j is forbidden (the position cannot be reached)."""
+        if j in self._forbidden and len(self._consumed) >= j and self._consumed[:j] == pending[:j]:
+            return self._forbidden[j]
         t0 = time.perf_counter()
-        bias = None
+        forbidden = None
         if self._follow(pending, j):
             self.matcher.unsafe_compute_mask_ptr(self._words.ctypes.data, self._words.nbytes)
             allowed = np.unpackbits(self._words.view(np.uint8), bitorder="little")[: self.n_vocab]
-            bias = np.where(allowed.astype(bool), np.float32(0.0), np.float32(-np.inf))
-        self._bias[j] = bias
+            forbidden = allowed.view(bool) ^ True
+        self._forbidden[j] = forbidden
         self.seconds += time.perf_counter() - t0
-        return bias
+        return forbidden
+
+    def mask_row(self, row: np.ndarray, pending: list[int], j: int, token_map=None) -> bool:
+        """Set the logits of forbidden tokens at pending position j to -inf (in place; `token_map`:
+        the row is in a draft's ids); False when the position cannot be reached."""
+        forbidden = self.forbidden(pending, j)
+        if forbidden is None:
+            return False
+        t0 = time.perf_counter()
+        np.copyto(row, -np.inf, where=forbidden if token_map is None else forbidden[token_map.draft_to_target])
+        self.seconds += time.perf_counter() - t0
+        return True
 
     def valid_prefix(self, pending: list[int], tokens: list[int]) -> list[int]:
         """The longest prefix of `tokens` the grammar allows after the pending tokens."""
@@ -179,7 +197,7 @@ class GrammarState:
         if self._consumed:
             self.matcher.rollback(len(self._consumed))
             self._consumed = []
-        self._bias = {}
+        self._forbidden = {}
         for token in tokens:
             if not self.matcher.consume_token(token):
                 raise RuntimeError(f"internal error: the grammar rejected emitted token {token}: {self.matcher.get_error()}")
@@ -190,13 +208,10 @@ class GrammarState:
         allows at their position (nothing is consumed)."""
         out: list[int] = []
         while len(out) < limit:
-            bias = self.bias(out, len(out))
-            if bias is None:
+            forbidden = self.forbidden(out, len(out))
+            if forbidden is None or len(forbidden) - np.count_nonzero(forbidden) != 1:
                 break
-            allowed = np.flatnonzero(bias == 0)
-            if len(allowed) != 1:
-                break
-            out.append(int(allowed[0]))
+            out.append(int(np.argmin(forbidden)))
         return out
 
     def fast_forward(self, limit: int) -> list[int]:

@@ -36,7 +36,7 @@ from .speedup import (
 from .combine import Combination, Contrastive, Single, WeightedEnsemble
 from .config import MODES as MODE_NAMES
 from .config import GenerationConfig
-from .proposers import ModelProposer, MtpProposer, NgramProposer, Proposer
+from .proposers import GrammarProposer, ModelProposer, MtpProposer, NgramProposer, Proposer
 from .verify import StandardVerifier, Verifier
 
 
@@ -183,7 +183,8 @@ class Spec(Mode):
             _draft_index(engine, "mode 'spec' with --draft-source model needs a draft model (or --draft-source ngram+model or ngram)")
         adaptive = config.adaptive
         # The chain, in order of preference when two proposers promise as much.
-        self.proposers: list[Proposer] = []
+        # First: the grammar's forced bytes (free, fixed length: taken whenever there are some).
+        self.proposers: list[Proposer] = [GrammarProposer()]
         self.model: ModelProposer | None = None
         sources = config.draft_source.split("+")
         if "ngram" in sources:
@@ -381,7 +382,7 @@ class Cos(Collab):
         i = self.score(gen)
         slot, j = self.slots[i], len(pending)
         # The scoring model's own sample extends the proposal (from its row masked by the grammar).
-        if j < limit and gen.constrain(slot.rows[j], j, slot.token_map) and np.isfinite(slot.rows[j]).any():
+        if j < limit and gen.constrain_draft(slot.rows[j], j, slot.token_map) and np.isfinite(slot.rows[j]).any():
             token, _ = slot.draw(j, self.config.sampling, gen.rng)
             gen.add_pending(token, self.proposers[i])
 

@@ -13,6 +13,8 @@ provenance shown on emitted tokens (`TokenEvent.slot`). Spec mode runs its propo
   processed row.
 - `MtpProposer`: the target's own multi-token-prediction layer (`backend.MtpHead`, Qwen3.5/3.6):
   one small call per token, no second model; q is its processed row.
+- `GrammarProposer`: under a grammar, the canonical tokens of the bytes it forces next (a JSON
+  schema's keys and punctuation); one-hot q, no model call.
 - `NgramProposer`: prompt lookup over the context (`ngram.NgramIndex`), and optionally over
   earlier generations (`ngram.SharedNgramPool`); q is one-hot, the proposal costs no model call.
 """
@@ -31,7 +33,7 @@ from .sampling import draw
 def _constrained(generation, row, position: int, token_map=None) -> bool:
     """Mask a draft row with the grammar (in place); False when nothing it could propose there is
     allowed (or the position cannot be reached): stop drafting."""
-    return generation.constrain(row, position, token_map) and bool(np.isfinite(row).any())
+    return generation.constrain_draft(row, position, token_map) and bool(np.isfinite(row).any())
 
 
 class Proposer:
@@ -161,6 +163,35 @@ class MtpProposer(Proposer):
         return self._q[j]
 
 
+class GrammarProposer(Proposer):
+    """The bytes the grammar forces after the committed reply, in the tokenizer's canonical tokens.
+
+    Where exactly one token is allowed the engine emits it without verification; forced bytes
+    that several tokenizations could spell are proposed here instead, and verified like an n-gram
+    match (the constrained target may prefer another spelling). Offers nothing without a grammar."""
+
+    name = "grammar"
+
+    def __init__(self):
+        self._offered: list[int] = []
+
+    def offer(self, generation, cap: int) -> int:
+        grammar = generation.grammar
+        if grammar is None or generation.pending or generation.config.grammar_assist != "forced":
+            return 0
+        self._offered = grammar.fast_forward(cap)
+        return len(self._offered)
+
+    def propose(self, generation, n: int) -> int:
+        found, self._offered = self._offered[:n], []
+        for token in found:
+            generation.add_pending(token, self)
+        return len(found)
+
+    def proposal_probs(self, bundle, j: int):
+        return OneHotProposal(bundle.tokens[j])
+
+
 class NgramProposer(Proposer):
     """Prompt lookup: the tokens that followed the context's latest suffix earlier in it."""
 
@@ -188,7 +219,8 @@ class NgramProposer(Proposer):
         found = self.index.propose(generation.context, n)
         if not found and self.pool is not None:
             found = self.pool.propose(generation.context, n)
-        if found and generation.grammar is not None:  # never propose what the grammar forbids
+        if found and generation.grammar is not None and generation.config.grammar_assist != "verify":
+            # Never propose what the grammar forbids.
             found = generation.grammar.valid_prefix(generation.pending, found)
         return found
 

@@ -127,9 +127,13 @@ class LlamaModel:
         (built once per loaded model and shared by its contexts: ~1 s for a 150k vocabulary)."""
         weights = self._weights
         if getattr(weights, "grammar_tokenizer", None) is None:
+            import warnings
+
             from llguidance.llamacpp import lltokenizer_from_vocab
 
-            weights.grammar_tokenizer = lltokenizer_from_vocab(self._vocab, eos_token=[int(t) for t in self.eog_ids()])
+            with warnings.catch_warnings():  # it reads token attributes through a deprecated binding
+                warnings.simplefilter("ignore", DeprecationWarning)
+                weights.grammar_tokenizer = lltokenizer_from_vocab(self._vocab, eos_token=[int(t) for t in self.eog_ids()])
         return weights.grammar_tokenizer
 
     def enable_mtp(self) -> MtpHead:
