@@ -175,6 +175,47 @@ def chat_body(**changes):
 TOO_LONG = "add 12 34 " * 200  # > 512 tokens
 
 
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer", "maximum": 120},
+          "pet": {"enum": ["cat", "dog"]}}, "required": ["name", "age", "pet"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("mode", ["target", "spec", "cos"])
+def test_response_format_json_schema_streamed_and_not(server, mode):
+    """The openai client's response_format: json_schema replies validate against the schema (or are
+    cut by max_tokens, finish_reason "length"), streamed text equals the whole reply, json_object
+    replies parse as objects, and no-op values of known fields are accepted."""
+    import jsonschema
+
+    c = client(server)
+    messages = [{"role": "user", "content": "add 3 4"}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    params = dict(model="x", messages=messages, max_tokens=60, temperature=0, response_format=fmt,
+                  presence_penalty=0, user="u1", extra_body={"mode": mode})
+    full = c.chat.completions.create(**params)
+    text = full.choices[0].message.content
+    assert full.choices[0].finish_reason == "stop", text
+    jsonschema.validate(json.loads(text), PERSON)
+    chunks = list(c.chat.completions.create(**params, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text
+    obj = c.chat.completions.create(model="x", messages=messages, max_tokens=60, temperature=1.0, seed=3,
+                                    response_format={"type": "json_object"}, extra_body={"mode": mode})
+    if obj.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(obj.choices[0].message.content), dict)
+    cut = c.chat.completions.create(**{**params, "max_tokens": 4})
+    assert cut.choices[0].finish_reason == "length"
+
+
+def test_the_grammar_extension_on_completions(server):
+    c = client(server)
+    out = c.completions.create(model="x", prompt="add 1 2 =", max_tokens=12, temperature=0,
+                               extra_body={"grammar": 'root ::= ("yes" | "no") " " [0-9] [0-9]? "."'})
+    text = out.choices[0].text
+    assert out.choices[0].finish_reason == "stop"
+    import re
+
+    assert re.fullmatch(r"(yes|no) [0-9]+\.", text), text
+
+
 @pytest.mark.parametrize(
     "path, body, headers, status, param, code, words",
     [
@@ -202,6 +243,24 @@ TOO_LONG = "add 12 34 " * 200  # > 512 tokens
         ("/v1/completions", {"prompt": "add 1 2", "draft_source": "psychic"}, AUTH, 400, "draft_source", None,
          "draft_source must be one of"),
         ("/v1/chat/completions", chat_body(draft_p_min="high"), AUTH, 400, "draft_p_min", None, "valid number"),
+        ("/v1/chat/completions", chat_body(frobnicate=1), AUTH, 400, "frobnicate", None, "unrecognized request field"),
+        ("/v1/completions", {"prompt": "add 1 2", "logprobs": 0}, AUTH, 400, "logprobs", None, "not implemented"),
+        ("/v1/chat/completions", chat_body(logprobs=True, top_logprobs=2), AUTH, 400, "logprobs", None, "not implemented"),
+        ("/v1/chat/completions", chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), AUTH, 400, "tools",
+         None, "tools are not implemented"),
+        ("/v1/chat/completions", chat_body(presence_penalty=0.5), AUTH, 400, "presence_penalty", None, "only 0"),
+        ("/v1/chat/completions", chat_body(logit_bias={"5": 100}), AUTH, 400, "logit_bias", None, "grammar"),
+        ("/v1/chat/completions", chat_body(messages=[{"role": "user", "content": "hi", "tool_call_id": "x"}]), AUTH, 400,
+         "messages", None, "unrecognized request field"),
+        ("/v1/chat/completions", chat_body(response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": {
+            "type": "object", "properties": {"a": {"type": "strin"}}}}}), AUTH, 400, "response_format", None,
+         "invalid JSON schema at properties/a/type"),
+        ("/v1/chat/completions", chat_body(response_format={"type": "json_schema"}), AUTH, 400, "response_format", None,
+         "needs"),
+        ("/v1/chat/completions", chat_body(response_format={"type": "yaml"}), AUTH, 400, "response_format", None,
+         "not supported"),
+        ("/v1/completions", {"prompt": "add 1 2", "grammar": "root ::= foo"}, AUTH, 400, "grammar", None,
+         "Rule 'foo' not found"),
         ("/v1/nowhere", {}, AUTH, 404, None, None, "Not Found"),
     ],
 )

@@ -16,11 +16,13 @@ from ..api import Pair
 from ..chat import ChatTemplate
 from ..config import GenerationConfig
 from ..errors import ContextOverflowError, CospecError
+from ..grammar import Grammar
 from ..ngram import SharedNgramPool
 from .errors import ApiError, install_error_handlers
 from .openai_format import ChatReply, CompletionReply, Reply, collect, stream_response, wait_disconnected
 from .pool import Job, Metrics, Worker, WorkerPool
-from .types import ChatRequest, CompletionRequest, GenerationFields, build_config, chat_messages, completion_tokens, param_named_in
+from .types import (ChatRequest, CompletionRequest, GenerationFields, build_config, chat_messages, check_supported,
+                    completion_tokens, param_named_in, request_grammar)
 
 
 @dataclass
@@ -97,12 +99,13 @@ class Server:
             self.pool.release(acquiring.result())
         raise ApiError(499, "client closed the request while it was queued", kind="client_closed_request")
 
-    async def start(self, request: Request, tokens: list[int], config: GenerationConfig, param: str) -> Job:
+    async def start(self, request: Request, tokens: list[int], config: GenerationConfig, param: str,
+                    grammar: Grammar | None = None) -> Job:
         """Validate, wait for a slot, and start the generation on it."""
         self.check_prompt(tokens, config, param)
         worker = await self.acquire(request, tokens)
         try:
-            events = worker.pair.engine.stream(tokens, config, conversation=worker.conversation)
+            events = worker.pair.engine.stream(tokens, config, conversation=worker.conversation, grammar=grammar)
             return Job(self.pool, worker, events, asyncio.get_running_loop())
         except ContextOverflowError as e:
             self.pool.release(worker)
@@ -117,7 +120,9 @@ class Server:
     async def answer(self, request: Request, body: GenerationFields, tokens: list[int], config: GenerationConfig,
                      param: str, reply_type: type[Reply]):
         """Run the generation and answer with `reply_type`'s objects, streamed or whole."""
-        job = await self.start(request, tokens, config, param)
+        check_supported(body)
+        grammar = request_grammar(body)
+        job = await self.start(request, tokens, config, param, grammar)
         reply = reply_type(body.model or self.settings.model_id, config)
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))

@@ -35,6 +35,10 @@ def describe_validation_error(err: RequestValidationError) -> tuple[str, str | N
     first = problems[0] if problems else {}
     if first.get("type") == "json_invalid":
         return f"malformed JSON body: {first.get('ctx', {}).get('error', 'cannot parse it')}", None
+    if first.get("type") == "extra_forbidden":
+        name = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return (f"unrecognized request field {name!r}: this server does not implement it (the README lists the "
+                "OpenAI fields and the extension fields it accepts)"), name.split(".")[0]
     described = []
     for p in problems[:5]:
         loc = ".".join(str(x) for x in p.get("loc", ()) if x != "body")

@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..config import GenerationConfig
+from ..grammar import Grammar, GrammarError
 from .errors import ApiError
 
 # Config fields a request may NOT set: `policy` is a path of an ONNX file the server would load; a
@@ -65,15 +66,31 @@ def _config_field_definitions() -> dict:
 
 class _OpenAIFields(BaseModel):
     """OpenAI's fields that are not decoding settings. Strict types (a string where a number
-    belongs is a 400, not a silent conversion); unknown fields are ignored, as clients send many
-    optional ones."""
+    belongs is a 400, not a silent conversion); a field this server does not know is a 400 naming
+    it, and a known one with a value it cannot honour too (`check_supported`), as OpenAI's API
+    answers: nothing a client asked for is silently ignored."""
 
-    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
     model: str | None = None
     n: int | None = None  # null or 1
     stream: bool | None = None
     stream_options: dict | None = None
+    user: str | None = None  # an end-user id: nothing to do
+    metadata: dict | None = None
+    store: bool | None = None  # false/null only: nothing is stored
+    # Constrained output: OpenAI's response_format, and the `grammar` extension (GBNF or Lark).
+    response_format: dict | None = None
+    grammar: str | None = Field(None, description="Extension: a GBNF or Lark grammar the output must follow.")
+    # Known OpenAI fields this server cannot honour except at their no-op values (check_supported).
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
 
 
 GenerationFields = create_model(
@@ -85,15 +102,19 @@ class CompletionRequest(GenerationFields):
     """POST /v1/completions: one prompt, as text or token ids."""
 
     prompt: str | list[str] | list[int]
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
 
 
 class ChatMessage(BaseModel):
     """One message of a chat request."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict] | None = None
+    name: str | None = None  # a participant's name: the chat templates have no place for it
 
 
 class ChatRequest(GenerationFields):
@@ -101,6 +122,61 @@ class ChatRequest(GenerationFields):
 
     messages: list[ChatMessage]
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+
+
+# -- what a request asks for beyond decoding settings --------------------------------------------
+# (field, the values it may take here, why others are refused)
+_NO_OP_VALUES = [
+    ("logprobs", (None, False), "logprobs are not implemented by this server yet"),
+    ("top_logprobs", (None, 0), "logprobs are not implemented by this server yet"),
+    ("presence_penalty", (None, 0.0), "presence_penalty is not implemented (only 0 is accepted)"),
+    ("frequency_penalty", (None, 0.0), "frequency_penalty is not implemented (only 0 is accepted)"),
+    ("logit_bias", (None, {}), "logit_bias is not implemented (only an empty map is accepted); a grammar "
+     "(response_format or the grammar field) restricts tokens exactly"),
+    ("tools", (None, []), "tools are not implemented by this server yet"),
+    ("tool_choice", (None, "none"), "tool_choice needs tools, which this server does not implement yet"),
+    ("store", (None, False), "this server stores nothing (store must be false)"),
+    ("echo", (None, False), "echo is not implemented"),
+    ("best_of", (None, 1), "best_of is not implemented (one completion per request)"),
+    ("suffix", (None, ""), "suffix (insertion) is not implemented"),
+]
+
+
+def check_supported(body: GenerationFields) -> None:
+    """Refuse (400, naming the field) a known OpenAI field set to a value this server cannot honour."""
+    for name, allowed, why in _NO_OP_VALUES:
+        value = getattr(body, name, None)
+        # (0 and False are equal in Python; completions' logprobs=0 still asks for logprobs.)
+        if not any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in allowed):
+            raise ApiError(400, f"{name}={value!r} cannot be honoured: {why}", name)
+
+
+def request_grammar(body: GenerationFields) -> Grammar | None:
+    """The constraint a request asks for (response_format or the grammar extension), checked now:
+    an invalid schema or grammar is a 400 naming what is wrong, before any slot is taken."""
+    fmt, text = body.response_format, body.grammar
+    if fmt is not None and fmt.get("type") != "text" and text is not None:
+        raise ApiError(400, "give either response_format or grammar, not both", "grammar")
+    grammar, param = None, "response_format"
+    if text is not None:
+        grammar, param = Grammar.gbnf(text), "grammar"
+    elif fmt is not None:
+        kind = fmt.get("type")
+        if kind == "json_object":
+            grammar = Grammar.json_object()
+        elif kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise ApiError(400, "response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}", param)
+            grammar = Grammar.json_schema(spec["schema"])  # strict or not, the schema is enforced
+        elif kind != "text":
+            raise ApiError(400, f"response_format type {kind!r} is not supported: use text, json_object or json_schema", param)
+    if grammar is not None:
+        try:
+            grammar.compile()
+        except GrammarError as e:
+            raise ApiError(400, str(e), param) from None
+    return grammar
 
 
 # -- request -> GenerationConfig ------------------------------------------------------------------
