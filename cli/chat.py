@@ -7,7 +7,7 @@ import sys
 import click
 
 from .generate import format_stats
-from .options import generation_options, handle_errors, model_options, runnable_config
+from .options import generation_options, grammar_options, handle_errors, model_options, runnable_config
 
 DIM_GREEN = "\x1b[32m"
 RESET = "\x1b[0m"
@@ -18,8 +18,9 @@ RESET = "\x1b[0m"
 @generation_options
 @click.option("--system", default=None, help="System message.")
 @click.option("--color/--no-color", default=None, help="Colour accepted proposed tokens (default: on a terminal).")
+@grammar_options
 @handle_errors
-def chat(models, config, system, color):
+def chat(models, config, system, color, grammar):
     """Interactive chat (reads messages from stdin when piped). Commands: /stats /reset /exit.
     Ctrl-C stops a reply; at the prompt it clears the line. Ctrl-D quits."""
     pair = models.open_pair(config)
@@ -41,7 +42,7 @@ def chat(models, config, system, color):
                 last_stats = session.conversation.last_stats
                 click.echo(format_stats(last_stats) if last_stats else "(no reply yet)", err=True)
             else:
-                reply(session, message, config, color)
+                reply(session, message, config, color, grammar)
     finally:
         pair.close()
 
@@ -64,12 +65,12 @@ def read_message(interactive: bool) -> str | None:
             return line.strip()
 
 
-def reply(session, message: str, config, color: bool) -> None:
-    """Stream the reply to `message` to stdout (proposed tokens in green when `color`); Ctrl-C stops
-    it and the partial reply stays in the conversation."""
+def reply(session, message: str, config, color: bool, grammar=None) -> None:
+    """Stream the reply to `message` to stdout (proposed tokens in green when `color`; constrained
+    by `grammar`, if given); Ctrl-C stops it and the partial reply stays in the conversation."""
     started = False  # the reply's leading space (after "Assistant:") is not worth printing
     try:
-        for event in session.send(message, config):
+        for event in session.send(message, config, grammar):
             if getattr(event, "text", ""):
                 text = event.text if started else event.text.lstrip()
                 if not text:

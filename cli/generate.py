@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .options import generation_options, handle_errors, model_options, runnable_config
+from .options import generation_options, grammar_options, handle_errors, model_options, runnable_config
 
 
 def format_stats(stats) -> str:
@@ -22,6 +22,8 @@ def format_stats(stats) -> str:
             f"acceptance {s.acceptance_rate:.1%}, mean accepted {s.mean_accepted_length:.2f}/cycle, "
             f"{s.n_cycles} cycles + {s.n_target_steps} target steps"
         )
+    if s.n_forced:
+        parts.append(f"{s.n_forced} tokens forced by the grammar (no model call)")
     if s.n_generated:
         parts.append(f"{s.model_calls_per_token:.2f} model calls/token")
     times = ", ".join(f"{name} {t:.2f}s" for name, t in s.t_models.items())
@@ -34,9 +36,10 @@ def format_stats(stats) -> str:
 @click.option("--prompt-file", type=click.File("r"), help="Read the prompt from a file ('-' for stdin).")
 @model_options
 @generation_options
+@grammar_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object with the text and stats.")
 @handle_errors
-def generate(prompt, prompt_file, models, config, as_json):
+def generate(prompt, prompt_file, models, config, grammar, as_json):
     """Complete PROMPT. Prints only the completion on stdout; statistics go to stderr."""
     if prompt_file is not None:
         prompt = prompt_file.read()
@@ -46,12 +49,12 @@ def generate(prompt, prompt_file, models, config, as_json):
     config = runnable_config(pair, config)
     try:
         if as_json:
-            result = pair.generate(prompt, config)
+            result = pair.generate(prompt, config, grammar=grammar)
             click.echo(json.dumps({"text": result.text, "finish_reason": result.finish_reason, "stats": result.stats.as_dict()}))
             return
         stats = None
         try:
-            for event in pair.stream(prompt, config):
+            for event in pair.stream(prompt, config, grammar=grammar):
                 if hasattr(event, "stats"):
                     stats = event.stats
                 else:

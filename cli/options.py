@@ -28,6 +28,38 @@ def handle_errors(fn):
     return wrapper
 
 
+# -- constrained output -----------------------------------------------------------------------------
+
+
+def grammar_options(fn):
+    """--json-schema FILE and --grammar FILE (GBNF or Lark), passed on as `grammar` (a checked
+    `Grammar`, or None)."""
+
+    @click.option("--json-schema", "json_schema", type=click.File("r"),
+                  help="Constrain the output to JSON valid under this JSON schema file ('-' for stdin).")
+    @click.option("--grammar", "grammar_file", type=click.File("r"),
+                  help="Constrain the output to this grammar file (GBNF, as llama.cpp's grammars/, or Lark).")
+    @functools.wraps(fn)
+    def wrapper(*args, json_schema=None, grammar_file=None, **kwargs):
+        from cospec_local.grammar import Grammar
+
+        if json_schema is not None and grammar_file is not None:
+            raise click.UsageError("give --json-schema or --grammar, not both")
+        grammar = None
+        if json_schema is not None:
+            grammar = Grammar.json_schema(json_schema.read())
+        elif grammar_file is not None:
+            grammar = Grammar.gbnf(grammar_file.read())
+        if grammar is not None:
+            try:
+                grammar.compile()  # a bad file is an error now, before any model loads
+            except ValueError as e:
+                raise click.ClickException(str(e)) from e
+        return fn(*args, grammar=grammar, **kwargs)
+
+    return wrapper
+
+
 # -- the models -------------------------------------------------------------------------------------
 
 

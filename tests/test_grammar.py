@@ -194,3 +194,30 @@ def test_a_reply_cut_by_max_tokens_says_length_and_bad_grammars_fail_before_the_
         qwen_pair.stream(PROMPTS[0], grammar=Grammar.json_schema('{"type": 3}'))
     # The pair is still usable.
     assert qwen_pair.generate(PROMPTS[0], mode="target", max_tokens=3, grammar=Grammar.regex("[0-9]+")).text.isdigit()
+
+
+def test_cli_json_schema_and_grammar_files(tmp_path):
+    """generate and chat take --json-schema FILE and --grammar FILE; a bad file is one clear error."""
+    from click.testing import CliRunner
+
+    from cli.main import cli
+    from server_load import FAMILY_MODELS
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 99}, "ok": {"type": "boolean"}},
+              "required": ["n", "ok"], "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    (tmp_path / "g.gbnf").write_text('root ::= ("yes" | "no") "."')
+    (tmp_path / "bad.json").write_text('{"type": "objekt"}')
+    base = [*FAMILY_MODELS, "--ctx-size", "256", "--threads", "1", "--temperature", "0"]
+    out = CliRunner().invoke(cli, ["generate", *base, "--json-schema", str(tmp_path / "s.json"), "--json", "add 1 2"])
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.output)
+    jsonschema.validate(json.loads(result["text"]), schema)
+    assert result["stats"]["n_forced"] > 0
+    out = CliRunner().invoke(cli, ["generate", *base, "--grammar", str(tmp_path / "g.gbnf"), "add 1 2"])
+    assert out.exit_code == 0 and out.stdout.strip() in ("yes.", "no.")
+    out = CliRunner().invoke(cli, ["chat", *base, "--json-schema", str(tmp_path / "s.json")], input="add 2 3\n")
+    assert out.exit_code == 0, out.output
+    jsonschema.validate(json.loads(out.stdout.strip().splitlines()[0]), schema)
+    out = CliRunner().invoke(cli, ["generate", *base, "--json-schema", str(tmp_path / "bad.json"), "x"])
+    assert out.exit_code == 1 and "invalid JSON schema at type" in out.output
