@@ -8,7 +8,7 @@ import click
 
 from cospec_local.config import MODES, GenerationConfig, parse_list
 
-from .options import family_problems, generation_options, handle_errors, mode_list, model_options
+from .options import family_problems, generation_options, grammar_options, handle_errors, mode_list, model_options
 
 BENCH_DEFAULTS = {"temperature": 0.0, "max_tokens": 128}
 
@@ -23,13 +23,17 @@ BENCH_DEFAULTS = {"temperature": 0.0, "max_tokens": 128}
 @click.option("--sweep-k", default="", help="Also run spec with fixed draft lengths, e.g. 1,2,4,6.")
 @click.option("--family", default=None, help="Prompts: held-out problems of test-world task families (add, count, or add,count) instead of the default English prompts.")
 @click.option("--num-prompts", default=6, show_default=True, help="Problems taken from each --family.")
-@click.option("--prompts", "prompt_set", type=click.Choice(["open", "grounded"]), default="open", show_default=True,
-              help="Prompt set: open-ended English prompts, or input-grounded ones (quote, edit code, answer from a "
-              "document, continue a table) where n-gram drafts pay.")
+@click.option("--prompts", "prompt_set", type=click.Choice(["open", "grounded", "json"]), default="open", show_default=True,
+              help="Prompt set: open-ended English prompts, input-grounded ones (quote, edit code, answer from a "
+              "document, continue a table) where n-gram drafts pay, or requests for JSON records (with --json-schema).")
+@grammar_options
+@click.option("--grammar-assists", default="", help="With --json-schema/--grammar: run every mode once per grammar "
+              "assist, e.g. verify,drafts,forced (the baseline masks verified rows only).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Save the report as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Save a PNG: speedup vs k, accepted-length histogram.")
 @handle_errors
-def bench(models, config, modes, baseline, repeats, sweep_k, family, num_prompts, prompt_set, out_path, plot_path):
+def bench(models, config, modes, baseline, repeats, sweep_k, family, num_prompts, prompt_set, grammar, grammar_assists,
+          out_path, plot_path):
     """Modes against a baseline (tokens/s and model calls per token), interleaved, with the formula's prediction."""
     from cospec_local.backend import build_info
     from cospec_local.lab.bench import DRAFT_SOURCE_MODES, PROMPT_SETS, bench_configs, plot_report, run_bench
@@ -43,10 +47,14 @@ def bench(models, config, modes, baseline, repeats, sweep_k, family, num_prompts
         prompts = [p.prompt for name in family.split(",") for p in family_problems(name.strip(), num_prompts, 10_000)]
         config = config.with_(stop=tuple(config.stop) + TASK_STOP)
     ks = parse_list(sweep_k, int)
-    configs = bench_configs(config, mode_names, ks, baseline).values()
+    assists = [a.strip() for a in grammar_assists.split(",") if a.strip()]
+    if assists and grammar is None:
+        raise click.UsageError("--grammar-assists needs --json-schema or --grammar")
+    configs = bench_configs(config, mode_names, ks, baseline, assists).values()
     pair = models.open_pair(need_draft=any(mode_class(cfg).needs_draft(cfg) for cfg in configs))
     try:
-        report = run_bench(pair, prompts, config.max_tokens, repeats, config, ks, modes=mode_names, baseline=baseline)
+        report = run_bench(pair, prompts, config.max_tokens, repeats, config, ks, modes=mode_names, baseline=baseline,
+                           grammar=grammar, assists=assists)
     finally:
         pair.close()
     report["models"] = [str(slot.model.path) for slot in pair.engine.slots]
@@ -94,6 +102,8 @@ def mode_line(name: str, m: dict, baseline: str) -> str:
     if "ceiling_free_draft" in m:
         line += f"; ceiling with a cost-free draft {m['ceiling_free_draft']:.2f}x"
     line += f"; python overhead {m['python_overhead_share']:.1%}, {m['outside_llama_us_per_token']:.0f} us/token outside llama.cpp"
+    if m.get("grammar_us_per_token"):
+        line += f"; grammar {m['grammar_us_per_token']:.0f} us/token, {m['forced_share']:.0%} of tokens forced"
     if m[f"greedy_output_identical_to_{baseline}"] is False:
         line += f"  OUTPUT DIFFERS FROM {baseline.upper()}"
     return line

@@ -223,9 +223,9 @@ def test_chat_survives_ctrl_c_during_a_reply(tiny_target, monkeypatch):
     real_send = ChatSession.send
     calls = {"n": 0}
 
-    def send(self, text, config=None, **kw):
+    def send(self, text, config=None, grammar=None, **kw):
         calls["n"] += 1
-        for i, event in enumerate(real_send(self, text, config, **kw)):
+        for i, event in enumerate(real_send(self, text, config, grammar, **kw)):
             if calls["n"] == 1 and i == 3:
                 raise KeyboardInterrupt  # what Ctrl-C does in the middle of the first reply
             yield event

@@ -58,7 +58,16 @@ GROUNDED_PROMPTS = [
     "Continue the table with the next four rows in the same format.\n\n| n | square | cube |\n| --- | --- | --- |\n"
     "| 1 | 1 | 1 |\n| 2 | 4 | 8 |\n| 3 | 9 | 27 |\n| 4 | 16 | 64 |\n|",
 ]
-PROMPT_SETS = {"open": BENCH_PROMPTS, "grounded": GROUNDED_PROMPTS}
+# Prompts whose replies are JSON records (for `bench --json-schema`).
+JSON_PROMPTS = [
+    "Describe a person as a JSON object with their name, age and city.\n",
+    "Give a JSON record of a book: title, author and year.\n",
+    "Return the weather in Paris as JSON.\n",
+    "A JSON object describing a cat:\n",
+    "Write a JSON object for a new user account.\n",
+    "Output JSON for an order of three apples.\n",
+]
+PROMPT_SETS = {"open": BENCH_PROMPTS, "grounded": GROUNDED_PROMPTS, "json": JSON_PROMPTS}
 # Bench names for spec mode with a given proposer (the name is the --draft-source).
 DRAFT_SOURCE_MODES = DRAFT_SOURCES
 
@@ -71,26 +80,31 @@ def verify_ratio(costs: dict, n_rows: float) -> float:
     return float(np.interp(n_rows, rows, ms)) / costs["target_call_ms"]
 
 
-def _run(pair, config: GenerationConfig, prompts, max_tokens: int) -> dict:
+def _run(pair, config: GenerationConfig, prompts, max_tokens: int, grammar=None) -> dict:
     """Run every prompt once from a cold cache: the summed statistics and the outputs."""
     total, outputs = GenerationStats(), []
     for prompt in prompts:
         pair.engine.reset()  # every run starts cold: no KV reuse between modes
-        r = pair.generate(prompt, config, max_tokens=max_tokens)
+        r = pair.generate(prompt, config, grammar=grammar, max_tokens=max_tokens)
         total.add(r.stats)
         outputs.append(r.tokens)
     return {"stats": total, "outputs": outputs}
 
 
 def bench_configs(base: GenerationConfig, modes: list[str] | None = None, sweep_k: list[int] | None = None,
-                  baseline: str = "target") -> dict[str, GenerationConfig]:
+                  baseline: str = "target", assists: list[str] | None = None) -> dict[str, GenerationConfig]:
     """The configs `run_bench` measures, by report name: each of `modes` (a draft source names spec
-    mode with that source), fixed-k spec for `sweep_k`, and the baseline."""
+    mode with that source), fixed-k spec for `sweep_k`, and the baseline. With grammar `assists`,
+    every mode runs once per assist ("spec/forced"), and the baseline masks verified rows only."""
     configs = {name: replace(base, mode="spec", draft_source=name) if name in DRAFT_SOURCE_MODES
                else replace(base, mode=name) for name in (modes or ["spec"])}
     for k in sweep_k or []:
         configs[f"spec_k{k}"] = replace(base, mode="spec", draft_max=k, adaptive=False)
-    configs[baseline] = replace(base, mode=baseline)
+    if assists:
+        configs = {f"{name}/{assist}": replace(cfg, grammar_assist=assist) for name, cfg in configs.items() for assist in assists}
+        configs[baseline] = replace(base, mode=baseline, grammar_assist="verify")
+    else:
+        configs[baseline] = replace(base, mode=baseline)
     return configs
 
 
@@ -104,13 +118,15 @@ def run_bench(
     progress: bool = True,
     modes: list[str] | None = None,
     baseline: str = "target",
+    grammar=None,
+    assists: list[str] | None = None,
 ) -> dict:
     """Interleaved runs of `modes` (default: spec, plus fixed-k spec for `sweep_k`) and the
     `baseline` mode; returns a JSON-ready report with speedups over the baseline."""
     from tqdm import tqdm
 
     base = config or GenerationConfig(temperature=0.0)
-    configs = bench_configs(base, modes, sweep_k, baseline)
+    configs = bench_configs(base, modes, sweep_k, baseline, assists)
     for cfg in configs.values():
         pair.engine.check(cfg)  # a mode these models cannot run fails now, not after minutes
 
@@ -126,7 +142,7 @@ def run_bench(
             order = list(configs) if rep % 2 == 0 else list(reversed(configs))
             for name in order:
                 pair.conversation = conversations[name]
-                runs[name].append(_run(pair, configs[name], prompts, max_tokens))
+                runs[name].append(_run(pair, configs[name], prompts, max_tokens, grammar))
                 bar.update(1)
     finally:
         pair.conversation = default_conversation
@@ -193,6 +209,8 @@ def _mode_report(pair, cfg: GenerationConfig, mode_runs: list[dict], base_runs: 
         "python_overhead_share": total.summary()["overhead_share"],
         "outside_llama_us_per_token": statistics.median(_outside_us(t) for t in mode_runs),
         "accepted_length_histogram": np.bincount(accepted).tolist() if accepted else [],
+        "forced_share": total.n_forced / total.n_generated if total.n_generated else 0.0,
+        "grammar_us_per_token": 1e6 * total.t_grammar / total.n_generated if total.n_generated else 0.0,
         f"greedy_output_identical_to_{baseline}": (all(t["outputs"] == b["outputs"] for t, b in zip(mode_runs, base_runs))
                                                    if report["temperature"] == 0 else None),
     }
