@@ -27,3 +27,18 @@ def assert_matches(counts: np.ndarray, probs: np.ndarray, alpha: float = 1e-3) -
     df = len(obs) - 1
     assert df >= 1
     assert stat < chi2_critical(df, alpha), f"chi2={stat:.1f} >= critical {chi2_critical(df, alpha):.1f} (df={df})"
+
+
+def two_token_law(path, prompt: list[int], params) -> dict[tuple[int, int], float]:
+    """{(a, b): P(first token a, second token b)} of target-only sampling with `params` after
+    `prompt`, computed exactly by a fresh context of the GGUF at `path`."""
+    from cospec_local.backend import LlamaModel, LoadOptions
+    from cospec_local.sampling import logits_to_probs
+
+    with LlamaModel(path, LoadOptions(n_ctx=512, n_threads=1, load_mtp=False)) as fresh:
+        def law(context):
+            fresh.reset()
+            return logits_to_probs(np.array(fresh.eval(context, 1)[0], dtype=np.float64), params)
+
+        first = law(prompt)
+        return {(int(a), b): first[a] * q for a in np.flatnonzero(first) for b, q in enumerate(law(prompt + [int(a)])) if q > 0}

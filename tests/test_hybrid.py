@@ -16,10 +16,10 @@ from click.testing import CliRunner
 from cli.main import cli
 from cospec_local import load_pair
 from cospec_local.backend import LlamaModel, LoadOptions
-from cospec_local.sampling import SamplingParams, logits_to_probs
+from cospec_local.sampling import SamplingParams
 from hybrid import build_llama_draft, build_qwen35
 from server_load import ServerProcess
-from stats_util import assert_matches
+from stats_util import assert_matches, two_token_law
 
 PROMPTS = ["Hello, my name is", "The the the the the the the the", "def add(a, b):\n    return"]
 
@@ -128,13 +128,7 @@ def test_sampled_spec_on_a_hybrid_target_follows_the_target(hybrid_models):
     params = SamplingParams(**settings)
     with open_pair(hybrid_models, "llama") as pair:
         prompt = pair.tokenize(PROMPTS[0])
-        with LlamaModel(hybrid_models["target"], LoadOptions(n_ctx=512, n_threads=1)) as fresh:
-            def law(context):
-                fresh.reset()
-                return logits_to_probs(np.array(fresh.eval(context, 1)[0], dtype=np.float64), params)
-
-            first = law(prompt)
-            cells = {(a, b): first[a] * q for a in np.flatnonzero(first) for b, q in enumerate(law(prompt + [int(a)])) if q > 0}
+        cells = two_token_law(hybrid_models["target"], prompt, params)
         index = {cell: i for i, cell in enumerate(cells)}
         counts = np.zeros(len(cells))
         corrections = 0

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from cli.main import cli
 from cospec_local import load_pair
 from cospec_local.backend import LlamaModel, LoadOptions
-from cospec_local.sampling import SamplingParams, logits_to_probs
+from cospec_local.sampling import SamplingParams
 from hybrid import build_qwen35
-from stats_util import assert_matches
+from stats_util import assert_matches, two_token_law
 
 PROMPTS = ["Hello, my name is", "The the the the the the the the", "def add(a, b):\n    return"]
 
@@ -64,13 +64,7 @@ def test_sampled_mtp_drafts_follow_the_target(mtp_models):
     params = SamplingParams(**settings)
     with open_target(mtp_models["mtp"]) as pair:
         prompt = pair.tokenize(PROMPTS[0])
-        with LlamaModel(mtp_models["mtp"], LoadOptions(n_ctx=512, n_threads=1, load_mtp=False)) as fresh:
-            def law(context):
-                fresh.reset()
-                return logits_to_probs(np.array(fresh.eval(context, 1)[0], dtype=np.float64), params)
-
-            first = law(prompt)
-            cells = {(a, b): first[a] * q for a in np.flatnonzero(first) for b, q in enumerate(law(prompt + [int(a)])) if q > 0}
+        cells = two_token_law(mtp_models["mtp"], prompt, params)
         index = {cell: i for i, cell in enumerate(cells)}
         counts = np.zeros(len(cells))
         corrections = 0
