@@ -95,9 +95,10 @@ class WeightedEnsemble:
                 out += w * row
             else:  # trimmed draft: add its mass at the target ids it has
                 out[row.map.draft_to_target] += w * row.draft_probs
-        # Under a grammar a member whose vocabulary has no allowed token contributes nothing.
+        # Under a grammar a member whose vocabulary has no allowed token contributes nothing (a
+        # zero row): renormalise over the others.
         total = out.sum()
-        return out / total if total > 0 else out
+        return out / total if 0 < total < 1 - 1e-9 else out
 
     def argmax(self, bundle, j):
         # In greedy mode bundle.probs are plain softmaxes: argmax of their mixture.

@@ -139,10 +139,11 @@ class Generation:
 
     def constrain_draft(self, row: np.ndarray, position: int, token_map=None) -> bool:
         """`constrain` for a proposer's row, unless the grammar only masks verified rows
-        (`grammar_assist` "verify")."""
+        (`grammar_assist` "verify"); False also when nothing in this vocabulary is allowed there
+        (a trimmed draft's): either way, stop drafting."""
         if self.grammar is None or self.config.grammar_assist == "verify":
             return True
-        return self.constrain(row, position, token_map)
+        return self.constrain(row, position, token_map) and row.max() > -np.inf
 
     def constrain(self, row: np.ndarray, position: int, token_map=None) -> bool:
         """Mask `row` (logits for pending position `position`, in place; `token_map`: the row is
@@ -218,10 +219,6 @@ class Engine:
         """
         conversation = conversation or Conversation()
         mode = self.mode_for(config, conversation)
-        state = None
-        if grammar is not None:
-            target = self.slots[self.target_index].model
-            state = GrammarState(target.grammar_tokenizer(), grammar.compile(), self.n_vocab)
         if not context_tokens:
             raise ValueError("the prompt is empty: give at least one token")
         if len(context_tokens) >= self.n_ctx:
@@ -230,6 +227,10 @@ class Engine:
                 "shorten it, start a new chat or raise --ctx-size"
             )
         self._check_idle()
+        state = None
+        if grammar is not None:
+            target = self.slots[self.target_index].model
+            state = GrammarState(target.grammar_tokenizer(), grammar.compile(), self.n_vocab)
         conversation.cancelled = False  # a cancel from now on stops this generation
         return self._generate(list(context_tokens), mode, verifier or mode.verifier(), conversation, state)
 
@@ -392,18 +393,20 @@ class Engine:
         if n_positions == 0:
             return None
         t = min(n_positions, len(gen.pending))
-        if gen.grammar is not None:  # every verified row follows the constrained target
-            constrained = getattr(mode.combination, "constrained", mode.combination.members)
-            for j in range(n_positions):
-                for i in constrained:
-                    slot = slots[i]
-                    if not gen.constrain(slot.rows[j], j, slot.token_map):
-                        break
-                else:
-                    continue
-                break
+        if gen.grammar is not None:
+            self._constrain_rows(gen, mode, n_positions)
         return RowBundle(slots, mode.combination, gen.config.sampling, gen.pending[:t], gen.proposed_by[:t],
                          n_positions, self.n_vocab)
+
+    def _constrain_rows(self, gen: Generation, mode: Mode, n_positions: int) -> None:
+        """Every verified row follows the constrained target: mask the rows r is made of, up to
+        the first position a forbidden pending token makes unreachable (never read)."""
+        members = getattr(mode.combination, "constrained", mode.combination.members)
+        for j in range(n_positions):
+            for i in members:
+                slot = self.slots[i]
+                if not gen.constrain(slot.rows[j], j, slot.token_map):
+                    return
 
     def _apply(self, gen: Generation, mode: Mode, bundle: RowBundle, verdict: Verdict) -> list[tuple[int, str, str]]:
         """Check the verdict, update queues and caches, and return the tokens to emit."""

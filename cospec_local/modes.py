@@ -382,7 +382,7 @@ class Cos(Collab):
         i = self.score(gen)
         slot, j = self.slots[i], len(pending)
         # The scoring model's own sample extends the proposal (from its row masked by the grammar).
-        if j < limit and gen.constrain_draft(slot.rows[j], j, slot.token_map) and np.isfinite(slot.rows[j]).any():
+        if j < limit and gen.constrain_draft(slot.rows[j], j, slot.token_map):
             token, _ = slot.draw(j, self.config.sampling, gen.rng)
             gen.add_pending(token, self.proposers[i])
 

@@ -23,17 +23,9 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from .draft_length import CATCH_UP_WINDOW, AdaptiveDraftLength
 from .ngram import NgramIndex, OneHotProposal, SharedNgramPool
 from .sampling import draw
-
-
-def _constrained(generation, row, position: int, token_map=None) -> bool:
-    """Mask a draft row with the grammar (in place); False when nothing it could propose there is
-    allowed (or the position cannot be reached): stop drafting."""
-    return generation.constrain_draft(row, position, token_map) and bool(np.isfinite(row).any())
 
 
 class Proposer:
@@ -94,7 +86,7 @@ class ModelProposer(Proposer):
             position = len(pending)
             if len(slot.rows) <= position:
                 slot.score(generation.context, pending)
-            if not _constrained(generation, slot.rows[position], position, slot.token_map):
+            if not generation.constrain_draft(slot.rows[position], position, slot.token_map):
                 break
             # Stop when the draft's confidence drops (moot for the last token).
             p_min = generation.config.draft_p_min if self.stops_when_unsure and step < n - 1 else 0.0
@@ -142,7 +134,7 @@ class MtpProposer(Proposer):
         self._q = []
         row = head.first_step(context[-1], start)
         for step in range(n):
-            if not _constrained(generation, row, step):
+            if not generation.constrain_draft(row, step):
                 break
             # Stop when the head's confidence drops (moot for the last token).
             p_min = generation.config.draft_p_min if step < n - 1 else 0.0

@@ -42,8 +42,12 @@ _TOP_P_CANDIDATES = 1024
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """The plain (temperature 1, unfiltered) float64 distribution of a row of logits."""
-    e = np.exp(logits - logits.max(), dtype=np.float64)
+    """The plain (temperature 1, unfiltered) float64 distribution of a row of logits; zeros for a
+    row a grammar masked entirely (a trimmed draft's vocabulary lacking every allowed token)."""
+    top = logits.max()
+    if top == -np.inf:
+        return np.zeros(logits.shape, dtype=np.float64)
+    e = np.exp(logits - top, dtype=np.float64)
     e /= e.sum()
     return e
 

@@ -73,11 +73,7 @@ class RowBundle:
         slot = self.slots[i]
         row = slot.probs[j]
         if row is None:
-            logits = slot.rows[j]
-            if not np.isfinite(logits.max()):  # a grammar allows nothing in this model's vocabulary here
-                row = np.zeros(len(logits))
-            else:
-                row = softmax(logits) if self.params.greedy else logits_to_probs(logits, self.params)
+            row = softmax(slot.rows[j]) if self.params.greedy else logits_to_probs(slot.rows[j], self.params)
             if slot.token_map is not None:
                 row = slot.token_map.row(row)
             slot.probs[j] = row

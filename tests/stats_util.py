@@ -42,3 +42,16 @@ def two_token_law(path, prompt: list[int], params) -> dict[tuple[int, int], floa
 
         first = law(prompt)
         return {(int(a), b): first[a] * q for a in np.flatnonzero(first) for b, q in enumerate(law(prompt + [int(a)])) if q > 0}
+
+
+def sampled_counts(generate, cells: dict, n_seeds: int) -> tuple[np.ndarray, int]:
+    """Counts of each cell (a tuple of emitted tokens) over `generate(seed)` for seeds 0..n_seeds-1
+    (GenerationResults), in `cells`' order, and how many of the runs rejected a proposal."""
+    index = {cell: i for i, cell in enumerate(cells)}
+    counts = np.zeros(len(cells))
+    rejected = 0
+    for seed in range(n_seeds):
+        out = generate(seed)
+        counts[index[tuple(out.tokens)]] += 1
+        rejected += out.stats.n_accepted < out.stats.n_drafted
+    return counts, rejected

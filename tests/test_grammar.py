@@ -18,7 +18,7 @@ from cospec_local.backend import LlamaModel, LoadOptions
 from cospec_local.grammar import GrammarState
 from cospec_local.sampling import SamplingParams, logits_to_probs
 from hybrid import build_llama_draft, build_qwen35
-from stats_util import assert_matches
+from stats_util import assert_matches, sampled_counts
 
 SCHEMA = {
     "type": "object",
@@ -150,14 +150,9 @@ def test_sampled_constrained_spec_follows_the_masked_target(tiny_target, tiny_ot
                     if q > 0:
                         key = (int(a),) if b in eog else (int(a), b)
                         cells[key] = cells.get(key, 0.0) + first[a] * q
-        index = {cell: i for i, cell in enumerate(cells)}
-        counts = np.zeros(len(cells))
-        rejected = 0
-        for seed in range(600):
-            out = pair.generate(prompt, mode="spec", draft_source="model", seed=seed, max_tokens=2, adaptive=False,
-                                draft_max=3, grammar=grammar, grammar_assist="verify", **settings)
-            counts[index[tuple(out.tokens)]] += 1
-            rejected += out.stats.n_accepted < out.stats.n_drafted
+        counts, rejected = sampled_counts(
+            lambda seed: pair.generate(prompt, mode="spec", draft_source="model", seed=seed, max_tokens=2, adaptive=False,
+                                       draft_max=3, grammar=grammar, grammar_assist="verify", **settings), cells, 600)
     assert rejected > 50
     assert_matches(counts, np.array(list(cells.values())))
 

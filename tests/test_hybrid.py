@@ -19,7 +19,7 @@ from cospec_local.backend import LlamaModel, LoadOptions
 from cospec_local.sampling import SamplingParams
 from hybrid import build_llama_draft, build_qwen35
 from server_load import ServerProcess
-from stats_util import assert_matches, two_token_law
+from stats_util import assert_matches, sampled_counts, two_token_law
 
 PROMPTS = ["Hello, my name is", "The the the the the the the the", "def add(a, b):\n    return"]
 
@@ -129,14 +129,9 @@ def test_sampled_spec_on_a_hybrid_target_follows_the_target(hybrid_models):
     with open_pair(hybrid_models, "llama") as pair:
         prompt = pair.tokenize(PROMPTS[0])
         cells = two_token_law(hybrid_models["target"], prompt, params)
-        index = {cell: i for i, cell in enumerate(cells)}
-        counts = np.zeros(len(cells))
-        corrections = 0
-        for seed in range(500):
-            out = pair.generate(prompt, mode="spec", draft_source="model", seed=seed, max_tokens=2, adaptive=False,
-                                draft_max=4, **settings)
-            counts[index[tuple(out.tokens)]] += 1
-            corrections += out.stats.n_accepted < out.stats.n_drafted
+        counts, corrections = sampled_counts(
+            lambda seed: pair.generate(prompt, mode="spec", draft_source="model", seed=seed, max_tokens=2, adaptive=False,
+                                       draft_max=4, **settings), cells, 500)
     assert corrections > 50  # the target rolled back in many of the runs
     assert_matches(counts, np.array(list(cells.values())))
 

@@ -14,7 +14,7 @@ from cospec_local import load_pair
 from cospec_local.backend import LlamaModel, LoadOptions
 from cospec_local.sampling import SamplingParams
 from hybrid import build_qwen35
-from stats_util import assert_matches, two_token_law
+from stats_util import assert_matches, sampled_counts, two_token_law
 
 PROMPTS = ["Hello, my name is", "The the the the the the the the", "def add(a, b):\n    return"]
 
@@ -65,14 +65,9 @@ def test_sampled_mtp_drafts_follow_the_target(mtp_models):
     with open_target(mtp_models["mtp"]) as pair:
         prompt = pair.tokenize(PROMPTS[0])
         cells = two_token_law(mtp_models["mtp"], prompt, params)
-        index = {cell: i for i, cell in enumerate(cells)}
-        counts = np.zeros(len(cells))
-        corrections = 0
-        for seed in range(500):
-            out = pair.generate(prompt, mode="spec", draft_source="mtp", seed=seed, max_tokens=2, adaptive=False,
-                                draft_max=3, draft_p_min=0.0, **settings)
-            counts[index[tuple(out.tokens)]] += 1
-            corrections += out.stats.n_accepted < out.stats.n_drafted
+        counts, corrections = sampled_counts(
+            lambda seed: pair.generate(prompt, mode="spec", draft_source="mtp", seed=seed, max_tokens=2, adaptive=False,
+                                       draft_max=3, draft_p_min=0.0, **settings), cells, 500)
     assert corrections > 50
     assert_matches(counts, np.array(list(cells.values())))
 

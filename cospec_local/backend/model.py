@@ -126,7 +126,7 @@ class LlamaModel:
         """llguidance's tokenizer for this model's vocabulary, ending at any end-of-generation token
         (built once per loaded model and shared by its contexts: ~1 s for a 150k vocabulary)."""
         weights = self._weights
-        if getattr(weights, "grammar_tokenizer", None) is None:
+        if weights.grammar_tokenizer is None:
             import warnings
 
             from llguidance.llamacpp import lltokenizer_from_vocab

@@ -98,6 +98,7 @@ class _Weights:
         if not self.ptr:
             raise ModelLoadError(f"llama.cpp could not load {path} (run with --verbose for its log)")
         self.users = 0
+        self.grammar_tokenizer = None  # llguidance's tokenizer, built on first use (LlamaModel.grammar_tokenizer)
 
     def release(self) -> None:
         self.users -= 1
