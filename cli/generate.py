@@ -50,7 +50,10 @@ def generate(prompt, prompt_file, models, config, grammar, as_json):
     try:
         if as_json:
             result = pair.generate(prompt, config, grammar=grammar)
-            click.echo(json.dumps({"text": result.text, "finish_reason": result.finish_reason, "stats": result.stats.as_dict()}))
+            out = {"text": result.text, "finish_reason": result.finish_reason, "stats": result.stats.as_dict()}
+            if result.logprobs is not None:  # --logprobs N: [{token, logprob, top: [[token, logprob], ...]}]
+                out["logprobs"] = [{"token": t, "logprob": lp.logprob, "top": lp.top} for t, lp in zip(result.tokens, result.logprobs)]
+            click.echo(json.dumps(out))
             return
         stats = None
         try:

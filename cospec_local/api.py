@@ -17,7 +17,7 @@ from typing import Iterator
 from .backend import LlamaModel, LoadOptions
 from .chat import ChatTemplate
 from .config import GenerationConfig
-from .engine import DoneEvent, Engine, GenerationStats, TokenEvent
+from .engine import DoneEvent, Engine, GenerationStats, TokenEvent, TokenLogprob
 from .grammar import Grammar
 from .slots import ModelSlot
 from .vocab import PairReport, check_pair
@@ -33,11 +33,12 @@ class GenerationResult:
     sources: list[str]
     finish_reason: str
     stats: GenerationStats
+    logprobs: list[TokenLogprob] | None = None  # one per token, with GenerationConfig.logprobs
 
 
 def collect(events) -> GenerationResult:
     """Run a stream of engine events to the end and gather them into a GenerationResult."""
-    parts, tokens, sources, done = [], [], [], None
+    parts, tokens, sources, logprobs, done = [], [], [], [], None
     for event in events:
         if isinstance(event, DoneEvent):
             done = event
@@ -46,7 +47,10 @@ def collect(events) -> GenerationResult:
             if event.token >= 0:  # -1: held-back text flushed at the end
                 tokens.append(event.token)
                 sources.append(event.source)
-    return GenerationResult("".join(parts), tokens, sources, done.finish_reason, done.stats)
+                if event.logprob is not None:
+                    logprobs.append(event.logprob)
+    return GenerationResult("".join(parts), tokens, sources, done.finish_reason, done.stats,
+                            logprobs if len(logprobs) == len(tokens) and tokens else None)
 
 
 class Pair:

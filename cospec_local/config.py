@@ -14,6 +14,7 @@ COMBINATIONS = ("we", "cd")
 DRAFT_SOURCES = ("model", "ngram", "ngram+model", "mtp", "ngram+mtp")
 DEFAULT_DRAFT_MAX = 6
 GRAMMAR_ASSISTS = ("verify", "drafts", "forced")
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
 
 
 def _opt(default, help: str, flag: str | None = None, items: type | None = None):
@@ -41,6 +42,10 @@ class GenerationConfig:
         "the adaptive draft length follows timings, so with it a seed fixes only the distribution."
     )
     stop: tuple[str, ...] = _opt((), "Stop when this string is generated (repeatable).")
+    logprobs: int | None = _opt(None, "Report each emitted token's log probability under the distribution the output "
+                                "follows (the target's, or r's in the collaborative modes; processed by temperature and "
+                                "filters when sampling, plain softmax when greedy; masked by a grammar) and its N most "
+                                "likely alternatives (0: the token's alone; at most 20).")
     mode: str = _opt("spec", "Decoding mode: spec, target, draft, collab, cos, cos-naive or cospec.")
     draft_max: int = _opt(
         DEFAULT_DRAFT_MAX, "Maximum draft tokens per verification (k); on the CPU at most 6, so that the target's "
@@ -84,6 +89,8 @@ class GenerationConfig:
             raise ValueError("temperature must be >= 0")
         if self.draft_source not in DRAFT_SOURCES:
             raise ValueError(f"draft_source must be one of {DRAFT_SOURCES}, not {self.draft_source!r}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}]")
         if self.grammar_assist not in GRAMMAR_ASSISTS:
             raise ValueError(f"grammar_assist must be one of {GRAMMAR_ASSISTS}, not {self.grammar_assist!r}")
         if self.combine not in COMBINATIONS:

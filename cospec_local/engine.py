@@ -60,6 +60,23 @@ COMBINED = "combined"  # the producing "slot" of a token drawn from r over sever
 
 
 @dataclass
+class TokenLogprob:
+    """An emitted token's log probability under the distribution the output follows at its
+    position, and the most likely alternatives there: [(token, logprob)], most likely first."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+    @classmethod
+    def from_probs(cls, probs: np.ndarray, token: int, n_top: int) -> "TokenLogprob":
+        with np.errstate(divide="ignore"):  # a token the distribution gives 0 (an arbiter's): -inf
+            logprob = float(np.log(probs[token]))
+            top = np.argpartition(-probs, n_top)[:n_top] if 0 < n_top < len(probs) else np.arange(min(n_top, len(probs)))
+            top = top[np.argsort(-probs[top], kind="stable")]
+            return cls(logprob, [(int(t), float(np.log(probs[t]))) for t in top])
+
+
+@dataclass
 class TokenEvent:
     """One emitted token. `text` is the text it adds (may be empty while a UTF-8 character or a
     possible stop string is incomplete); `source` says how it was produced (`verify.ACCEPTED`,
@@ -70,6 +87,7 @@ class TokenEvent:
     text: str
     source: str
     slot: str = ""
+    logprob: TokenLogprob | None = None  # with GenerationConfig.logprobs
 
     @property
     def proposed(self) -> bool:
@@ -321,7 +339,7 @@ class Engine:
         """Commit a round's tokens to the context, up to an end-of-generation token, a stop string
         or max_tokens (`gen.stopped` says which ended the reply)."""
         token_bytes = self.slots[self.target_index].model.token_bytes
-        for token, kind, maker in emitted:
+        for token, kind, maker, logprob in emitted:
             if token in self._eog:
                 gen.stopped = True
                 return
@@ -329,7 +347,7 @@ class Engine:
             if gen.grammar is not None:
                 gen.grammar.commit([token])
             gen.stats.n_generated += 1
-            yield TokenEvent(token, text.push(token_bytes(token)), kind, maker)
+            yield TokenEvent(token, text.push(token_bytes(token)), kind, maker, logprob)
             if text.stopped:
                 gen.stopped = True
                 return
@@ -366,8 +384,9 @@ class Engine:
         finally:
             self._active = None  # never leave the engine busy, whatever failed above
 
-    def _round(self, gen: Generation, mode: Mode, verifier: Verifier) -> list[tuple[int, str, str]]:
-        """Turns until a verification emits tokens; returns [(token, kind, producer name)]."""
+    def _round(self, gen: Generation, mode: Mode, verifier: Verifier) -> list[tuple]:
+        """Turns until a verification emits tokens; returns [(token, kind, producer name, TokenLogprob
+        or None)]."""
         gen.round_started = time.perf_counter()
         if gen.grammar is not None and not gen.pending and gen.config.grammar_assist == "forced":
             forced = gen.grammar.forced(max(gen.limit, 1))
@@ -375,7 +394,10 @@ class Engine:
                 for i in mode.active:
                     self.slots[i].clear_rows()  # rows for the position the forced token now fills
                 gen.stats.n_forced += len(forced)
-                return [(token, FORCED, "grammar") for token in forced]
+                # The constrained target gives such a token probability 1.
+                certain = gen.config.logprobs is not None
+                return [(token, FORCED, "grammar", TokenLogprob(0.0, [(token, 0.0)]) if certain else None)
+                        for token in forced]
         while True:
             bundle = self._bundle(gen, mode)
             if bundle is None:  # 1. draft, or 2. score: one model call
@@ -408,19 +430,23 @@ class Engine:
                 if not gen.constrain(slot.rows[j], j, slot.token_map):
                     return
 
-    def _apply(self, gen: Generation, mode: Mode, bundle: RowBundle, verdict: Verdict) -> list[tuple[int, str, str]]:
+    def _apply(self, gen: Generation, mode: Mode, bundle: RowBundle, verdict: Verdict) -> list[tuple]:
         """Check the verdict, update queues and caches, and return the tokens to emit."""
         t = len(bundle.tokens)
         m = verdict.num_accepted
         self._check_verdict(bundle, verdict)
         stats, pending, proposed_by = gen.stats, gen.pending, gen.proposed_by
-        emitted = [(pending[j], verdict.accepted_kinds[j], proposed_by[j].name) for j in range(m)]
+        emitted = [(pending[j], verdict.accepted_kinds[j], proposed_by[j].name, None) for j in range(m)]
         stats.count_verification(t, verdict)
         n_committed = len(gen.context)
         if verdict.next_token is not None:
             members = mode.combination.members
             maker = self.slots[members[0]].name if len(members) == 1 else COMBINED
-            emitted.append((verdict.next_token, verdict.next_kind, maker))
+            emitted.append((verdict.next_token, verdict.next_kind, maker, None))
+        n_top = gen.config.logprobs
+        if n_top is not None:  # r at each emitted position (verification computed most of them)
+            emitted = [(token, kind, maker, TokenLogprob.from_probs(bundle.combined(j), token, n_top))
+                       for j, (token, kind, maker, _) in enumerate(emitted)]
         if m < t:  # a rejection: everything after the correction is stale
             for i in mode.active:
                 self.slots[i].clear_rows()

@@ -205,6 +205,36 @@ def test_response_format_json_schema_streamed_and_not(server, mode):
     assert cut.choices[0].finish_reason == "length"
 
 
+def test_logprobs_on_both_endpoints_equal_across_modes(server):
+    """Chat (logprobs + top_logprobs) and completions (logprobs: N), streamed and not: one entry per
+    token, alternatives sorted, the chosen token first when greedy, and the same values in spec
+    mode as in target-only mode (verification rows equal target-only's)."""
+    c = client(server)
+    messages = [{"role": "user", "content": "add 3 4"}]
+    got = {}
+    for mode in ("target", "spec"):
+        full = c.chat.completions.create(model="x", messages=messages, max_tokens=12, temperature=0, logprobs=True,
+                                         top_logprobs=3, extra_body={"mode": mode})
+        content = full.choices[0].logprobs.content
+        assert "".join(t.token for t in content).strip() == full.choices[0].message.content
+        for t in content:
+            assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token
+            assert [a.logprob for a in t.top_logprobs] == sorted((a.logprob for a in t.top_logprobs), reverse=True)
+            assert bytes(t.bytes).decode("utf-8", "replace") == t.token
+        streamed = [e for chunk in c.chat.completions.create(model="x", messages=messages, max_tokens=12, temperature=0,
+                                                              logprobs=True, top_logprobs=3, stream=True,
+                                                              extra_body={"mode": mode})
+                    if chunk.choices and chunk.choices[0].logprobs for e in chunk.choices[0].logprobs.content]
+        assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+        got[mode] = [(t.token, t.logprob) for t in content]
+    assert got["spec"] == got["target"]
+    out = c.completions.create(model="x", prompt="add 1 2 =", max_tokens=8, temperature=0, logprobs=2)
+    lp = out.choices[0].logprobs
+    assert "".join(lp.tokens) == out.choices[0].text and len(lp.token_logprobs) == len(lp.tokens)
+    assert all(len(top) <= 2 and lp.tokens[i] in top for i, top in enumerate(lp.top_logprobs))
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+
+
 def test_the_grammar_extension_on_completions(server):
     c = client(server)
     out = c.completions.create(model="x", prompt="add 1 2 =", max_tokens=12, temperature=0,
@@ -244,8 +274,11 @@ def test_the_grammar_extension_on_completions(server):
          "draft_source must be one of"),
         ("/v1/chat/completions", chat_body(draft_p_min="high"), AUTH, 400, "draft_p_min", None, "valid number"),
         ("/v1/chat/completions", chat_body(frobnicate=1), AUTH, 400, "frobnicate", None, "unrecognized request field"),
-        ("/v1/completions", {"prompt": "add 1 2", "logprobs": 0}, AUTH, 400, "logprobs", None, "not implemented"),
-        ("/v1/chat/completions", chat_body(logprobs=True, top_logprobs=2), AUTH, 400, "logprobs", None, "not implemented"),
+        ("/v1/completions", {"prompt": "add 1 2", "logprobs": True}, AUTH, 400, "logprobs", None, "an integer"),
+        ("/v1/completions", {"prompt": "add 1 2", "logprobs": 21}, AUTH, 400, "logprobs", None, "[0, 20]"),
+        ("/v1/chat/completions", chat_body(logprobs=3), AUTH, 400, "logprobs", None, "a boolean"),
+        ("/v1/chat/completions", chat_body(top_logprobs=2), AUTH, 400, "top_logprobs", None, "needs logprobs: true"),
+        ("/v1/chat/completions", chat_body(logprobs=True, top_logprobs=21), AUTH, 400, "top_logprobs", None, "less than or equal to 20"),
         ("/v1/chat/completions", chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), AUTH, 400, "tools",
          None, "tools are not implemented"),
         ("/v1/chat/completions", chat_body(presence_penalty=0.5), AUTH, 400, "presence_penalty", None, "only 0"),

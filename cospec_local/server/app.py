@@ -123,7 +123,7 @@ class Server:
         check_supported(body)
         grammar = request_grammar(body)
         job = await self.start(request, tokens, config, param, grammar)
-        reply = reply_type(body.model or self.settings.model_id, config)
+        reply = reply_type(body.model or self.settings.model_id, config, self.first.target.token_bytes)
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return stream_response(job, reply, include_usage, self.metrics)
@@ -133,7 +133,7 @@ class Server:
 
     async def completions(self, body: CompletionRequest, request: Request):
         """POST /v1/completions."""
-        config = build_config(body, self.settings.defaults)
+        config = build_config(body, self.settings.defaults, chat=False)
         tokens = completion_tokens(body, self.first)
         return await self.answer(request, body, tokens, config, "prompt", CompletionReply)
 
@@ -141,7 +141,7 @@ class Server:
         """POST /v1/chat/completions: the conversation rendered by the model's chat template, whose
         end-of-turn strings stop the reply."""
         messages = chat_messages(body)
-        config = build_config(body, self.settings.defaults)
+        config = build_config(body, self.settings.defaults, chat=True)
         if self.template.stop:
             config = config.with_(stop=tuple(config.stop) + self.template.stop)
         try:

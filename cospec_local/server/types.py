@@ -22,9 +22,11 @@ from .errors import ApiError
 # Config fields a request may NOT set: `policy` is a path of an ONNX file the server would load; a
 # client must not make the server open files (the policy is the server's --policy).
 SERVER_ONLY = frozenset({"policy"})
+# Config fields set from OpenAI's own request fields of other shapes (`request_logprobs`).
+OPENAI_MAPPED = frozenset({"logprobs"})
 
 # The request fields that set config fields, in the config's order, and the config's types.
-CONFIG_REQUEST_FIELDS = tuple(f.name for f in fields(GenerationConfig) if f.name not in SERVER_ONLY)
+CONFIG_REQUEST_FIELDS = tuple(f.name for f in fields(GenerationConfig) if f.name not in SERVER_ONLY | OPENAI_MAPPED)
 _HINTS = typing.get_type_hints(GenerationConfig)
 
 # Bounds pydantic checks before the config does (the config checks these too): a bad value gets
@@ -58,7 +60,7 @@ def _config_field_definitions() -> dict:
     request may set, documented with the config's help text."""
     out = {}
     for f in fields(GenerationConfig):
-        if f.name not in SERVER_ONLY:
+        if f.name in CONFIG_REQUEST_FIELDS:
             out[f.name] = (_request_type(_HINTS[f.name]) | None,
                            Field(None, description=f.metadata["help"], **_BOUNDS.get(f.name, {})))
     return out
@@ -82,9 +84,10 @@ class _OpenAIFields(BaseModel):
     # Constrained output: OpenAI's response_format, and the `grammar` extension (GBNF or Lark).
     response_format: dict | None = None
     grammar: str | None = Field(None, description="Extension: a GBNF or Lark grammar the output must follow.")
-    # Known OpenAI fields this server cannot honour except at their no-op values (check_supported).
+    # Log probabilities: chat's logprobs (bool) and top_logprobs, completions' logprobs (int).
     logprobs: bool | int | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    # Known OpenAI fields this server cannot honour except at their no-op values (check_supported).
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
@@ -127,8 +130,6 @@ class ChatRequest(GenerationFields):
 # -- what a request asks for beyond decoding settings --------------------------------------------
 # (field, the values it may take here, why others are refused)
 _NO_OP_VALUES = [
-    ("logprobs", (None, False), "logprobs are not implemented by this server yet"),
-    ("top_logprobs", (None, 0), "logprobs are not implemented by this server yet"),
     ("presence_penalty", (None, 0.0), "presence_penalty is not implemented (only 0 is accepted)"),
     ("frequency_penalty", (None, 0.0), "frequency_penalty is not implemented (only 0 is accepted)"),
     ("logit_bias", (None, {}), "logit_bias is not implemented (only an empty map is accepted); a grammar "
@@ -149,6 +150,25 @@ def check_supported(body: GenerationFields) -> None:
         # (0 and False are equal in Python; completions' logprobs=0 still asks for logprobs.)
         if not any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in allowed):
             raise ApiError(400, f"{name}={value!r} cannot be honoured: {why}", name)
+
+
+def request_logprobs(body: GenerationFields, chat: bool) -> int | None:
+    """How many alternatives per token the request wants logprobs for (None: no logprobs), in
+    OpenAI's shapes: chat's `logprobs: true` with `top_logprobs: N`, completions' `logprobs: N`."""
+    value, top = body.logprobs, body.top_logprobs
+    if chat:
+        if value is not None and not isinstance(value, bool):
+            raise ApiError(400, "chat's logprobs is a boolean (give the number of alternatives as top_logprobs)", "logprobs")
+        if top is not None and not value:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        return (top or 0) if value else None
+    if top is not None:
+        raise ApiError(400, "top_logprobs is a chat field: completions take logprobs: N", "top_logprobs")
+    if isinstance(value, bool):
+        raise ApiError(400, "completions' logprobs is the number of alternatives per token (an integer)", "logprobs")
+    if value is not None and not 0 <= value <= 20:
+        raise ApiError(400, "logprobs must be in [0, 20]", "logprobs")
+    return value
 
 
 def request_grammar(body: GenerationFields) -> Grammar | None:
@@ -193,11 +213,12 @@ def _config_value(name: str, value):
     return value
 
 
-def build_config(body: GenerationFields, defaults: GenerationConfig) -> GenerationConfig:
+def build_config(body: GenerationFields, defaults: GenerationConfig, chat: bool) -> GenerationConfig:
     """The request's GenerationConfig: server defaults, then the fields the request sets."""
     if body.n not in (None, 1):
         raise ApiError(400, f"n={body.n} is not supported: this server returns one choice per request (n=1)", "n")
     changes = {name: _config_value(name, getattr(body, name)) for name in CONFIG_REQUEST_FIELDS}
+    changes["logprobs"] = request_logprobs(body, chat)
     newer_max = getattr(body, "max_completion_tokens", None)  # chat's newer name wins
     if newer_max is not None:
         changes["max_tokens"] = newer_max
