@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from .tools import template_tools, tool_format
+
 # A base model continues a transcript past its own turn: it writes the next "User:" line, or another
 # "Assistant:" line, and so on until max_tokens. Every turn marker ends the reply (never shown).
 FALLBACK_STOP = ("\nUser:", "\nAssistant:")
@@ -18,9 +20,11 @@ FALLBACK_PREAMBLE = (
 )
 
 
-def render_fallback(messages: list[dict], add_generation_prompt: bool) -> str:
+def render_fallback(messages: list[dict], add_generation_prompt: bool, tools: list | None = None) -> str:
     """A transcript that base models continue sensibly: a preamble, then 'User: ...\\nAssistant: ...'
-    (a system message follows the preamble)."""
+    (a system message follows the preamble). It has no way to offer tools."""
+    if tools:
+        raise ValueError("this model has no chat template, so it cannot be offered tools")
     parts = [FALLBACK_PREAMBLE]
     for m in messages:
         role, content = m["role"], m["content"]
@@ -37,11 +41,14 @@ def render_fallback(messages: list[dict], add_generation_prompt: bool) -> str:
 
 @dataclass
 class ChatTemplate:
-    """Renders a message list to prompt text; `stop` are extra stop strings for replies."""
+    """Renders a message list (and the tools offered, OpenAI's shape) to prompt text; `stop` are
+    extra stop strings for replies; `tool_format` the tool-call format the template teaches
+    (`tools.TOOL_FORMATS`; None: it renders no tools)."""
 
-    render: Callable[[list[dict], bool], str]
+    render: Callable[..., str]
     stop: tuple[str, ...]
     name: str
+    tool_format: str | None = None
 
     @classmethod
     def for_model(cls, jinja_source: str | None, bos_text: str = "", eos_text: str = "") -> "ChatTemplate":
@@ -57,7 +64,11 @@ class ChatTemplate:
 
         template = env.from_string(jinja_source)
 
-        def render(messages, add_generation_prompt):
+        fmt = tool_format(jinja_source)
+
+        def render(messages, add_generation_prompt, tools=None):
+            if tools and fmt is None:
+                raise ValueError("this model's chat template does not render tools")
             # The BOS token is added by the tokenizer, not by the template text.
             return template.render(
                 messages=messages,
@@ -65,6 +76,7 @@ class ChatTemplate:
                 bos_token="",
                 eos_token=eos_text,
                 raise_exception=raise_exception,
+                tools=template_tools(tools) if tools else None,
             )
 
-        return cls(render, (), "model (GGUF tokenizer.chat_template)")
+        return cls(render, (), "model (GGUF tokenizer.chat_template)", fmt)

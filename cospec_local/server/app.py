@@ -22,7 +22,7 @@ from .errors import ApiError, install_error_handlers
 from .openai_format import ChatReply, CompletionReply, Reply, collect, stream_response, wait_disconnected
 from .pool import Job, Metrics, Worker, WorkerPool
 from .types import (ChatRequest, CompletionRequest, GenerationFields, build_config, chat_messages, check_supported,
-                    completion_tokens, param_named_in, request_grammar)
+                    completion_tokens, param_named_in, request_grammar, request_tools)
 
 
 @dataclass
@@ -118,12 +118,16 @@ class Server:
             raise
 
     async def answer(self, request: Request, body: GenerationFields, tokens: list[int], config: GenerationConfig,
-                     param: str, reply_type: type[Reply]):
-        """Run the generation and answer with `reply_type`'s objects, streamed or whole."""
+                     param: str, reply_type: type[Reply], grammar: Grammar | None = None, **reply_options):
+        """Run the generation (constrained by `grammar`, else by the request's response_format or
+        grammar field) and answer with `reply_type`'s objects, streamed or whole."""
         check_supported(body)
-        grammar = request_grammar(body)
-        job = await self.start(request, tokens, config, param, grammar)
-        reply = reply_type(body.model or self.settings.model_id, config, self.first.target.token_bytes)
+        requested = request_grammar(body)
+        if grammar is not None and requested is not None:
+            raise ApiError(400, "a tool_choice that demands a call cannot be combined with response_format or grammar",
+                           "tool_choice")
+        job = await self.start(request, tokens, config, param, grammar or requested)
+        reply = reply_type(body.model or self.settings.model_id, config, self.first.target.token_bytes, **reply_options)
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return stream_response(job, reply, include_usage, self.metrics)
@@ -144,12 +148,14 @@ class Server:
         config = build_config(body, self.settings.defaults, chat=True)
         if self.template.stop:
             config = config.with_(stop=tuple(config.stop) + self.template.stop)
+        tools, call = request_tools(body, self.template.tool_format)
         try:
-            rendered = self.template.render(messages, True)
+            rendered = self.template.render(messages, True, tools=tools)
         except Exception as e:  # a Jinja template refusing the conversation (roles out of order...)
             raise ApiError(400, f"the model's chat template refused these messages: {e}", "messages") from None
         tokens = self.first.tokenize(rendered)
-        return await self.answer(request, body, tokens, config, "messages", ChatReply)
+        return await self.answer(request, body, tokens, config, "messages", ChatReply, call,
+                                 tool_format=self.template.tool_format if tools else None)
 
 
 def create_app(pairs: list[Pair], settings: ServerSettings) -> FastAPI:

@@ -17,6 +17,7 @@ from sse_starlette import EventSourceResponse
 from ..config import GenerationConfig
 from ..engine import DoneEvent, TokenEvent
 from ..errors import CospecError
+from ..tools import parse_tool_calls
 from .errors import error_body
 from .pool import _END, Job, Metrics
 
@@ -39,9 +40,12 @@ def extension(stats, config: GenerationConfig) -> dict:
 LOGPROB_FLOOR = -9999.0
 
 
-def finish_reason(done: DoneEvent) -> str:
-    """OpenAI's finish reason: the context filling up is a "length" too."""
-    return "length" if done.finish_reason in ("length", "context") else "stop"
+def finish_reason(done: DoneEvent, tool_calls: list | None = None) -> str:
+    """OpenAI's finish reason: the context filling up is a "length" too; a reply that ended with
+    tool calls is "tool_calls"."""
+    if done.finish_reason in ("length", "context"):
+        return "length"
+    return "tool_calls" if tool_calls else "stop"
 
 
 class Reply:
@@ -164,9 +168,18 @@ class ChatReply(Reply):
 
     endpoint, id_prefix, chunk_object = "/v1/chat/completions", "chatcmpl", "chat.completion.chunk"
 
-    def __init__(self, model: str, config: GenerationConfig, token_bytes):
+    def __init__(self, model: str, config: GenerationConfig, token_bytes, tool_format: str | None = None):
         super().__init__(model, config, token_bytes)
         self.started = False  # leading whitespace of the reply (after "Assistant:") is not sent
+        # With tools offered, the reply is read for calls once it is complete: a stream holds its
+        # events back and sends the content and the calls with the closing chunk.
+        self.tool_format = tool_format
+        self.held: list[TokenEvent] = []
+
+    def _message(self, events: list[TokenEvent]) -> tuple[str, list]:
+        """The reply's content and tool calls."""
+        text = _text(events).strip()
+        return parse_tool_calls(text, self.tool_format) if self.tool_format else (text, [])
 
     def _delta(self, delta: dict, reason: str | None = None, logprobs: dict | None = None) -> dict:
         return {**self._head(self.chunk_object), "choices": [
@@ -190,6 +203,9 @@ class ChatReply(Reply):
         return self._delta({"role": "assistant", "content": ""})  # the opening chunk names the role
 
     def piece(self, events):
+        if self.tool_format:
+            self.held.extend(events)
+            return None
         text, scored = _text(events), _scored(events)
         if not self.started:
             text = text.lstrip()  # the reply's leading whitespace is not sent
@@ -199,12 +215,22 @@ class ChatReply(Reply):
         return self._delta({"content": text}, logprobs=self.logprobs(events))
 
     def closing(self, done: DoneEvent, with_usage: bool) -> dict:
-        return self._with_stats(self._delta({}, finish_reason(done)), done, with_usage)
+        if not self.tool_format:
+            return self._with_stats(self._delta({}, finish_reason(done)), done, with_usage)
+        content, calls = self._message(self.held)
+        delta = {"content": content or None}
+        if calls:
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
+        return self._with_stats(self._delta(delta, finish_reason(done, calls), self.logprobs(self.held)), done, with_usage)
 
     def whole(self, events, done: DoneEvent) -> dict:
+        content, calls = self._message(events)
+        message = {"role": "assistant", "content": content or (None if calls else "")}
+        if calls:
+            message["tool_calls"] = calls
         return self._with_stats({**self._head("chat.completion"), "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": _text(events).strip()},
-             "logprobs": self.logprobs(events), "finish_reason": finish_reason(done)}]}, done)
+            {"index": 0, "message": message, "logprobs": self.logprobs(events),
+             "finish_reason": finish_reason(done, calls)}]}, done)
 
 
 # -- draining a job -------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..config import GenerationConfig
 from ..grammar import Grammar, GrammarError
+from ..tools import call_grammar, parse_tools, template_messages
 from .errors import ApiError
 
 # Config fields a request may NOT set: `policy` is a path of an ONNX file the server would load; a
@@ -115,9 +116,11 @@ class ChatMessage(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict] | None = None
-    name: str | None = None  # a participant's name: the chat templates have no place for it
+    name: str | None = None  # a participant's name (a tool's, for role "tool")
+    tool_calls: list[dict] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # the call a "tool" message answers
 
 
 class ChatRequest(GenerationFields):
@@ -134,8 +137,6 @@ _NO_OP_VALUES = [
     ("frequency_penalty", (None, 0.0), "frequency_penalty is not implemented (only 0 is accepted)"),
     ("logit_bias", (None, {}), "logit_bias is not implemented (only an empty map is accepted); a grammar "
      "(response_format or the grammar field) restricts tokens exactly"),
-    ("tools", (None, []), "tools are not implemented by this server yet"),
-    ("tool_choice", (None, "none"), "tool_choice needs tools, which this server does not implement yet"),
     ("store", (None, False), "this server stores nothing (store must be false)"),
     ("echo", (None, False), "echo is not implemented"),
     ("best_of", (None, 1), "best_of is not implemented (one completion per request)"),
@@ -274,11 +275,54 @@ def _message_text(message: ChatMessage) -> str:
 
 def chat_messages(body: ChatRequest) -> list[dict]:
     """The conversation as the chat template takes it: {"role", "content"} dicts ("developer" is
-    OpenAI's newer name of "system"); refuses one without a user message."""
+    OpenAI's newer name of "system"), with an assistant's tool calls and a tool message's call id
+    and name; refuses one without a user message."""
     if not body.messages:
         raise ApiError(400, "messages must not be empty", "messages")
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)}
-                for m in body.messages]
+    messages = []
+    for m in body.messages:
+        message = {"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)}
+        for key in ("tool_calls", "tool_call_id", "name"):
+            if getattr(m, key) is not None:
+                message[key] = getattr(m, key)
+        messages.append(message)
     if not any(m["role"] == "user" and m["content"].strip() for m in messages):
         raise ApiError(400, "messages need at least one non-empty user message", "messages")
-    return messages
+    try:
+        return template_messages(messages)
+    except ValueError as e:
+        raise ApiError(400, str(e), "messages") from None
+
+
+def request_tools(body: ChatRequest, tool_format: str | None) -> tuple[list | None, Grammar | None]:
+    """(the tools to render, the grammar that makes the reply a call, if `tool_choice` demands one)
+    for a chat request: "auto" (the default) offers the tools and reads calls out of the reply,
+    "required" or a named function constrains the reply to a call, "none" offers nothing."""
+    tools, choice = body.tools or None, body.tool_choice
+    if tools is None:
+        if choice not in (None, "none"):
+            raise ApiError(400, "tool_choice needs tools", "tool_choice")
+        return None, None
+    if tool_format is None:
+        raise ApiError(400, "this model's chat template does not render tools", "tools")
+    try:
+        parsed = parse_tools(tools)
+    except ValueError as e:
+        raise ApiError(400, str(e), "tools") from None
+    if choice in (None, "auto"):
+        return tools, None
+    if choice == "none":
+        return None, None
+    if choice == "required":
+        name = None
+    elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+    else:
+        raise ApiError(400, "tool_choice must be none, auto, required or {'type': 'function', 'function': {'name': ...}}",
+                       "tool_choice")
+    try:
+        grammar = call_grammar(parsed, tool_format, name)
+        grammar.compile()
+    except (ValueError, GrammarError) as e:
+        raise ApiError(400, str(e), "tool_choice") from None
+    return tools, grammar
