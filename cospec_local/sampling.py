@@ -61,7 +61,8 @@ def candidates(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     if params.top_p < 1.0:
         pool = np.arange(n) if ids is None else ids
         pool_logits = logits[pool]
-        weights = np.exp(pool_logits - pool_logits.max())
+        with np.errstate(invalid="ignore"):  # a row a grammar masked entirely: softmax makes it zeros
+            weights = np.exp(pool_logits - pool_logits.max())
         total = weights.sum()
         order = None
         if len(pool) > _TOP_P_CANDIDATES:

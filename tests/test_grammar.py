@@ -216,3 +216,27 @@ def test_cli_json_schema_and_grammar_files(tmp_path):
     jsonschema.validate(json.loads(out.stdout.strip().splitlines()[0]), schema)
     out = CliRunner().invoke(cli, ["generate", *base, "--json-schema", str(tmp_path / "bad.json"), "x"])
     assert out.exit_code == 1 and "invalid JSON schema at type" in out.output
+
+
+@pytest.mark.parametrize("mode,source", [("target", None), ("spec", "ngram+model"), ("spec", "ngram"), ("cospec", None),
+                                         ("cos", None)])
+def test_the_default_pair_completes_valid_json_in_every_mode(default_pair_paths, mode, source):
+    """Gemma 3 270M and its draft under the schema, greedy and sampled: every completed reply
+    validates, and greedy spec equals greedy target-only."""
+    from cospec_local.lab.bench import JSON_PROMPTS
+
+    grammar = Grammar.json_schema(SCHEMA)
+    extra = {"draft_source": source} if source else {}
+    with load_pair(*default_pair_paths, n_ctx=512) as pair:
+        done = 0
+        for i, prompt in enumerate(JSON_PROMPTS[:2]):
+            for temperature, seed in ((0.0, None), (1.0, i)):
+                out = pair.generate(prompt, mode=mode, temperature=temperature, seed=seed, max_tokens=60,
+                                    grammar=grammar, **extra)
+                if out.finish_reason == "stop":
+                    jsonschema.validate(json.loads(out.text), SCHEMA)
+                    done += 1
+                if temperature == 0 and mode == "spec":
+                    ref = pair.generate(prompt, mode="target", temperature=0, max_tokens=60, grammar=grammar)
+                    assert out.tokens == ref.tokens
+        assert done >= 3

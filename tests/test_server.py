@@ -312,6 +312,40 @@ def test_bad_requests_get_openai_errors(keyed_server, path, body, headers, statu
     assert keyed_server.get("/health")[0] == 200
 
 
+def test_a_fuzz_of_malformed_requests_gets_only_openai_shaped_answers(keyed_server):
+    """300 mutations of valid chat and completion bodies (fields dropped, retyped, nested wrongly,
+    unknown ones added, broken JSON): every answer is a 200 or an OpenAI-shaped 4xx, never a 5xx."""
+    import random
+
+    rng = random.Random(7)
+    weird = [None, True, -1, 0, 2**40, 1.5, float("nan"), "", "x" * 300, [], [1, "a"], {}, {"type": "x"},
+             {"type": "json_schema", "json_schema": {"schema": {"type": 7}}}, {"type": "function"}]
+    bases = [("/v1/chat/completions", chat_body()),
+             ("/v1/completions", {"prompt": "add 1 2", "max_tokens": 4, "temperature": 0})]
+    fields = ["messages", "prompt", "max_tokens", "temperature", "top_p", "stop", "mode", "seed", "logprobs",
+              "top_logprobs", "response_format", "grammar", "tools", "tool_choice", "n", "stream", "draft_max",
+              "weights", "gamma", "grammar_assist", "frobnicate", "logit_bias", "echo"]
+    statuses = []
+    for i in range(300):
+        path, body = bases[i % 2]
+        body = json.loads(json.dumps(body))
+        for _ in range(rng.randint(1, 3)):
+            name = rng.choice(fields)
+            if rng.random() < 0.2:
+                body.pop(name, None)
+            else:
+                body[name] = rng.choice(weird)
+        if rng.random() < 0.1 and body.get("messages") and isinstance(body["messages"], list):
+            body["messages"] = [{"role": rng.choice(["user", "tool", "wizard"]), "content": rng.choice(weird)}]
+        payload = json.dumps(body, allow_nan=True).encode()
+        if rng.random() < 0.05:
+            payload = payload[: rng.randint(0, len(payload))]
+        status, got = keyed_server.post(path, payload, AUTH)
+        statuses.append(status)
+        assert status == 200 or (400 <= status < 500 and set(got["error"]) == {"message", "type", "param", "code"}), (body, got)
+    assert statuses.count(200) > 5 and any(s == 400 for s in statuses)
+
+
 def test_the_keyed_server_serves_the_right_key(keyed_server):
     c = client(keyed_server, api_key=KEY)
     # null for optional fields, and llama.cpp's seed -1 ("random"), are fine, and leave the slot usable.
