@@ -19,6 +19,12 @@ from .options import family_problems, handle_errors, model_options
 @click.option("--hidden", default=16, show_default=True, help="Hidden units of the policy MLP.")
 @click.option("--lr", default=0.03, show_default=True)
 @click.option("--cost", default=0.0, show_default=True, help="Reward penalty per target call per generated token.")
+@click.option("--estimator", type=click.Choice(["decision", "group"]), default="decision", show_default=True,
+              help="Advantage of each decision: decision = per-decision Monte Carlo (branch rollouts at each mismatch, "
+                   "as VinePPO); group = its rollout's reward minus the group's mean (as GRPO).")
+@click.option("--branches", default=6, show_default=True, help="--estimator decision: most branch rollouts per problem.")
+@click.option("--token-features/--no-token-features", default=True, show_default=True,
+              help="Also read the candidate tokens' identities (binds the policy to this pair's vocabulary).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--held-out", default=100, show_default=True, help="Held-out problems per family, scored every epoch.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint (--out + .ckpt).")
@@ -27,8 +33,9 @@ from .options import family_problems, handle_errors, model_options
 @click.option("--init-supervised", is_flag=True, help="Start the RL run from that supervised baseline instead of random weights (needs --compare-supervised N).")
 @handle_errors
 def train_policy_cmd(models, family, tasks_path, out_path, epochs, batches_per_epoch, problems_per_batch, group_size, hidden, lr,
-                     cost, seed, held_out, resume, fit_rule, compare_supervised, init_supervised):
-    """Train the CoSpec arbitration policy by reinforcement learning (group-relative policy gradient)."""
+                     cost, estimator, branches, token_features, seed, held_out, resume, fit_rule, compare_supervised,
+                     init_supervised):
+    """Train the CoSpec arbitration policy by reinforcement learning (policy gradient on final-answer reward)."""
     from cospec_local.lab.training import TrainSettings, run_training, task_source
 
     families = tuple(f.strip() for f in family.split(",") if f.strip())
@@ -38,7 +45,8 @@ def train_policy_cmd(models, family, tasks_path, out_path, epochs, batches_per_e
         raise click.UsageError("--init-supervised needs --compare-supervised N (the problems to label)")
     settings = TrainSettings(families=() if tasks_path else families, tasks=str(tasks_path) if tasks_path else None, epochs=epochs,
                              batches_per_epoch=batches_per_epoch, problems_per_batch=problems_per_batch, group_size=group_size,
-                             hidden=hidden, lr=lr, cost=cost, seed=seed, held_out=held_out)
+                             hidden=hidden, lr=lr, cost=cost, seed=seed, held_out=held_out,
+                             estimator=estimator, branches=branches, token_features=token_features)
     tasks = task_source(settings)
     pair = models.open_pair()
     try:

@@ -42,7 +42,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .arbiter import DEFAULT_POLICY, OnnxPolicy
+from .arbiter import DEFAULT_POLICY, GENERIC_POLICY, OnnxPolicy, vocabulary_fingerprint
 from .config import GenerationConfig
 from .draft_length import AdaptiveDraftLength
 from .errors import ContextOverflowError, EngineBusyError
@@ -53,7 +53,7 @@ from .proposers import Proposer
 from .slots import ModelSlot
 from .stats import GenerationStats
 from .text import TextStream
-from .verify import FORCED, PROPOSED_KINDS, SAMPLED, RowBundle, Verdict, Verifier
+from .verify import ARBITRATED, BONUS, FORCED, KEPT_KINDS, PROPOSED_KINDS, SAMPLED, RowBundle, Verdict, Verifier
 
 PREFILL_PIECE = 256  # prompt tokens evaluated between two looks at Conversation.cancelled
 COMBINED = "combined"  # the producing "slot" of a token drawn from r over several models
@@ -189,6 +189,7 @@ class Engine:
         self._eog = set(int(t) for t in eog_ids)
         self._active: Conversation | None = None
         self._policies: dict[tuple, OnnxPolicy] = {}
+        self._vocabulary: str | None = None
 
     def slot(self, name: str) -> ModelSlot | None:
         i = self.index.get(name)
@@ -252,14 +253,30 @@ class Engine:
         conversation.cancelled = False  # a cancel from now on stops this generation
         return self._generate(list(context_tokens), mode, verifier or mode.verifier(), conversation, state)
 
+    def vocabulary(self) -> str:
+        """The target vocabulary's fingerprint (`arbiter.vocabulary_fingerprint`), computed once."""
+        if self._vocabulary is None:
+            model = self.slots[self.target_index].model
+            self._vocabulary = vocabulary_fingerprint(model.n_vocab, model.token_bytes)
+        return self._vocabulary
+
     def load_policy(self, path: str | None) -> OnnxPolicy:
-        """The ONNX arbitration policy at `path` (default: the shipped one), loaded once (again
-        when the file changes)."""
+        """The ONNX arbitration policy at `path`, loaded once (again when the file changes). A
+        policy that reads token identities must match these models' vocabulary (else PolicyError).
+        Default: the shipped policy, or, for models with another vocabulary than the one it was
+        trained with, the shipped model-agnostic one."""
         resolved = Path(path or DEFAULT_POLICY).expanduser().resolve()
         key = (str(resolved), resolved.stat().st_mtime_ns if resolved.is_file() else None)
         if key not in self._policies:
             self._policies[key] = OnnxPolicy(resolved)
-        return self._policies[key]
+        policy = self._policies[key]
+        if policy.vocabulary is not None and path is None and policy.vocabulary.split(":")[0] != str(self.n_vocab):
+            return self.load_policy(str(GENERIC_POLICY))  # another pair: no need to hash its vocabulary
+        if policy.vocabulary is not None and policy.vocabulary != self.vocabulary():
+            if path is None:
+                return self.load_policy(str(GENERIC_POLICY))
+            policy.check_vocabulary(self.vocabulary())
+        return policy
 
     def _check_idle(self) -> None:
         if self._active is not None:
@@ -412,13 +429,13 @@ class Engine:
         """The bundle of every position all members have scored, or None."""
         slots = self.slots
         n_positions = min(len(slots[i].rows) for i in mode.combination.members)
-        if n_positions == 0:
+        if n_positions == 0 or not mode.ready(gen):
             return None
         t = min(n_positions, len(gen.pending))
         if gen.grammar is not None:
             self._constrain_rows(gen, mode, n_positions)
         return RowBundle(slots, mode.combination, gen.config.sampling, gen.pending[:t], gen.proposed_by[:t],
-                         n_positions, self.n_vocab)
+                         n_positions, self.n_vocab, gen.context[-1])
 
     def _constrain_rows(self, gen: Generation, mode: Mode, n_positions: int) -> None:
         """Every verified row follows the constrained target: mask the rows r is made of, up to
@@ -437,16 +454,25 @@ class Engine:
         self._check_verdict(bundle, verdict)
         stats, pending, proposed_by = gen.stats, gen.pending, gen.proposed_by
         emitted = [(pending[j], verdict.accepted_kinds[j], proposed_by[j].name, None) for j in range(m)]
-        stats.count_verification(t, verdict)
+        held = int(bool(t) and proposed_by[0] is mode.held_bonus)
+        stats.count_verification(t - held, verdict, held)
+        if m == t and verdict.next_kind == BONUS and mode.holds_bonus and gen.grammar is None:
+            # greedy cospec: the bonus token waits, pending, until the draft has read it (its
+            # target row stays queued as row 0). Not under a grammar: the draft's row there is
+            # not masked, so its choice could be one the grammar forbids.
+            for slot in self.slots:
+                slot.pop_rows(m)
+            del pending[:m], proposed_by[:m]
+            gen.add_pending(verdict.next_token, mode.held_bonus)
+            return self._with_logprobs(gen, bundle, emitted)
         n_committed = len(gen.context)
         if verdict.next_token is not None:
             members = mode.combination.members
             maker = self.slots[members[0]].name if len(members) == 1 else COMBINED
+            if verdict.next_kind == ARBITRATED:  # cospec kept the draft's token over a held bonus
+                maker = bundle.slots[bundle.proposers[m].draft_index].name
             emitted.append((verdict.next_token, verdict.next_kind, maker, None))
-        n_top = gen.config.logprobs
-        if n_top is not None:  # r at each emitted position (verification computed most of them)
-            emitted = [(token, kind, maker, TokenLogprob.from_probs(bundle.combined(j), token, n_top))
-                       for j, (token, kind, maker, _) in enumerate(emitted)]
+        emitted = self._with_logprobs(gen, bundle, emitted)
         if m < t:  # a rejection: everything after the correction is stale
             for i in mode.active:
                 self.slots[i].clear_rows()
@@ -459,13 +485,22 @@ class Engine:
             del pending[:n_done], proposed_by[:n_done]
         return emitted
 
+    @staticmethod
+    def _with_logprobs(gen: Generation, bundle: RowBundle, emitted: list[tuple]) -> list[tuple]:
+        """With `config.logprobs`: r at each emitted position (verification computed most of them)."""
+        n_top = gen.config.logprobs
+        if n_top is None:
+            return emitted
+        return [(token, kind, maker, TokenLogprob.from_probs(bundle.combined(j), token, n_top))
+                for j, (token, kind, maker, _) in enumerate(emitted)]
+
     def _check_verdict(self, bundle: RowBundle, verdict: Verdict) -> None:
         """A verifier is pluggable: refuse a verdict that does not fit its bundle."""
         t, m = len(bundle.tokens), verdict.num_accepted
         if not 0 <= m <= t:
             raise RuntimeError(f"verifier accepted {m} of {t} proposed tokens")
-        if len(verdict.accepted_kinds) != m or not all(kind in PROPOSED_KINDS for kind in verdict.accepted_kinds):
-            raise RuntimeError("verifier must give one provenance (accepted or arbitrated) per accepted token")
+        if len(verdict.accepted_kinds) != m or not all(kind in KEPT_KINDS for kind in verdict.accepted_kinds):
+            raise RuntimeError("verifier must give one provenance (accepted, arbitrated or a held bonus) per accepted token")
         wants_next = m < t or bundle.has_bonus_row
         if (verdict.next_token is None) == wants_next:
             raise RuntimeError(

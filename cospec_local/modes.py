@@ -10,9 +10,10 @@ The modes (terms as in `engine`):
   target / draft   one member, no proposer: each round scores one row and samples from it;
   spec             member: target; proposers: the n-gram lookup and/or the draft model (adaptive k);
                    r = the target's p;
-  cospec           member: target; the draft proposes every token (no bonus row), k + 1 per
-                   verification (fewer when its confidence drops); at a mismatch a learned policy
-                   may keep the draft's token (`arbiter.ArbitratingVerifier`);
+  cospec           member: target; the draft proposes as in spec (greedy: the target's bonus token
+                   is held pending until the draft has read it; sampled: the draft writes every
+                   token, no bonus row); at a mismatch a learned policy may keep the draft's
+                   token (`arbiter.ArbitratingVerifier`);
   collab           all models are members, no proposer: every model scores every token (reference);
   cos-naive        all members; the draft proposes gamma tokens; r verifies them;
   cos              all members; the model with the largest gamma proposes first; every scoring call
@@ -36,7 +37,7 @@ from .speedup import (
 from .combine import Combination, Contrastive, Single, WeightedEnsemble
 from .config import MODES as MODE_NAMES
 from .config import GenerationConfig
-from .proposers import GrammarProposer, ModelProposer, MtpProposer, NgramProposer, Proposer
+from .proposers import GrammarProposer, HeldBonus, ModelProposer, MtpProposer, NgramProposer, Proposer
 from .verify import StandardVerifier, Verifier
 
 
@@ -49,7 +50,9 @@ class Mode:
     requires_draft = False  # whether every config of this mode needs a draft model
     rolls_back = False  # proposals can be rejected: every active model must take back positions
     arbitrates = False  # uses the ONNX arbitration policy (cospec)
-    has_bonus_row = True  # a scoring call adds the row after the pending tokens (cospec: no)
+    has_bonus_row = True  # a scoring call adds the row after the pending tokens (sampled cospec: no)
+    holds_bonus = False  # the bonus token waits as a pending token for the draft (greedy cospec)
+    held_bonus: Proposer | None = None  # the proposer that stands for such a token
 
     def __init__(self, engine, config: GenerationConfig, conversation):
         self.engine = engine
@@ -109,6 +112,11 @@ class Mode:
         model of a mode with proposals (CoS members score batches that start at pending tokens),
         unless a subclass knows better."""
         return self.rolls_back
+
+    def ready(self, gen) -> bool:
+        """Whether the rows queued so far may be verified (once every member has scored position
+        0; greedy cospec also waits for the draft's row at a held bonus and the target's rows)."""
+        return True
 
     def take_turn(self, gen) -> None:
         """One turn: a proposer drafts, or a member scores the pending tokens (the default)."""
@@ -273,23 +281,27 @@ class Spec(Mode):
 class CoSpec(Mode):
     """Speculative decoding where a learned arbiter may keep the draft's token at a mismatch.
 
-    The draft writes every token (no bonus row) and always fills the batch: k + 1 tokens, fewer
-    only at a confidence stop. A cycle then covers as many positions per target call as spec's
-    longest, and overrides lengthen accepted runs, so cospec makes no more target calls per token
-    than spec (fewer in every run measured). Shorter runs can be a little faster (add: 4 tokens,
-    2-6%) at more target calls than spec: that is -k's call."""
+    The arbiter needs the draft's row at every position. Greedy, the draft proposes k tokens as in
+    spec and the target's bonus token is *held* (`proposers.HeldBonus`): it stays pending, the
+    draft's next call reads it together with the last accepted token (one call, as in spec) and
+    gives its row there, and the arbiter judges that position like a drafted one. So a cycle costs
+    spec's calls (k draft calls, one target call of k + 1 rows), every position is arbitrated, and
+    overrides only lengthen accepted runs. Sampled, the draft writes every token instead (k + 1
+    per verification, no bonus row), because a held sample could not be judged by the rejection
+    test. Runs stop early where the draft's confidence drops (`--draft-p-min`)."""
 
     name = "cospec"
     requires_draft = True
     rolls_back = True
     arbitrates = True
-    has_bonus_row = False
 
     def __init__(self, engine, config, conversation):
         super().__init__(engine, config, conversation)
         draft = _draft_index(engine, "mode 'cospec' needs a draft model")
         self.model = ModelProposer(draft, engine.slots[draft], stops_when_unsure=True)
         self.active = (draft, engine.target_index)
+        self.has_bonus_row = self.holds_bonus = config.sampling.greedy
+        self.held_bonus = HeldBonus(engine.slots[engine.target_index].name, draft)
 
     def rolls_back_past_last_call(self, index):
         return _rolls_back_past_last_call(self.slots, index, self.model)
@@ -297,13 +309,32 @@ class CoSpec(Mode):
     def verifier(self):
         from .arbiter import ArbitratingVerifier
 
-        return ArbitratingVerifier(self.engine.load_policy(self.config.policy), self.config.threshold)
+        policy = self.engine.load_policy(self.config.policy)
+        return ArbitratingVerifier(policy, self.config.threshold)
+
+    def _holding(self, gen) -> bool:
+        return bool(gen.pending) and gen.proposed_by[0] is self.held_bonus
+
+    def ready(self, gen):
+        # A held bonus: the draft's row there, and the target's rows for whatever was drafted after it.
+        return not self._holding(gen) or (bool(self.model.slot.rows)
+                                           and len(self.slots[self.engine.target_index].rows) >= len(gen.pending))
 
     def take_turn(self, gen):
-        # (A proposer writes nothing when the grammar allows nothing it could write: then score.)
-        if not gen.pending and gen.limit > 0 and self.model.propose(gen, min(self.config.draft_max + 1, gen.limit)):
-            return
-        self.score(gen)
+        holding = self._holding(gen)
+        if holding and len(gen.pending) == 1 and not self.model.slot.rows:
+            n = min(self.config.draft_max, gen.limit - 1)
+            # (A proposer writes nothing when the grammar allows nothing it could write.)
+            if n <= 0 or not self.model.propose(gen, n):
+                self.model.slot.score(gen.context, gen.pending, upto=1)  # only its row at the held bonus
+            if len(gen.pending) > 1:
+                return
+        elif not gen.pending and gen.limit > 0:
+            n = self.config.draft_max if self.holds_bonus else self.config.draft_max + 1
+            if self.model.propose(gen, min(n, gen.limit)):
+                return
+        if not self.ready(gen) or not self.slots[self.engine.target_index].rows:
+            self.score(gen)
 
 
 class Collab(Mode):

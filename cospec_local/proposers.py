@@ -15,6 +15,8 @@ provenance shown on emitted tokens (`TokenEvent.slot`). Spec mode runs its propo
   one small call per token, no second model; q is its processed row.
 - `GrammarProposer`: under a grammar, the canonical tokens of the bytes it forces next (a JSON
   schema's keys and punctuation); one-hot q, no model call.
+- `HeldBonus`: not a drafter: in greedy cospec the target's bonus token waits as the first
+  pending token of the next round, so the draft reads it before it is emitted.
 - `NgramProposer`: prompt lookup over the context (`ngram.NgramIndex`), and optionally over
   earlier generations (`ngram.SharedNgramPool`); q is one-hot, the proposal costs no model call.
 """
@@ -179,6 +181,22 @@ class GrammarProposer(Proposer):
         for token in found:
             generation.add_pending(token, self)
         return len(found)
+
+    def proposal_probs(self, bundle, j: int):
+        return OneHotProposal(bundle.tokens[j])
+
+
+class HeldBonus(Proposer):
+    """Greedy cospec's bonus token, held back: after a fully accepted run the target's bonus
+    token b is not emitted but stays pending, and the draft's next call (which reads the last
+    accepted token and b in one batch) gives its row at b's position. There the arbiter sees a
+    mismatch whenever the draft would have written another token, as at any drafted position,
+    so every position is arbitrated while the draft makes spec's k calls per cycle, not k + 1.
+    `name` is the target's (the token is the target's choice)."""
+
+    def __init__(self, name: str, draft_index: int):
+        self.name = name
+        self.draft_index = draft_index
 
     def proposal_probs(self, bundle, j: int):
         return OneHotProposal(bundle.tokens[j])

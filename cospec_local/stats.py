@@ -95,18 +95,20 @@ class GenerationStats:
         """Target calls per generated token (CoSpec's cost, what its reward charges)."""
         return self.model_calls.get("target", 0) / self.n_generated if self.n_generated else 0.0
 
-    def count_verification(self, n_verified: int, verdict) -> None:
-        """Count one verification of `n_verified` proposed tokens (0: a plain step)."""
+    def count_verification(self, n_verified: int, verdict, n_held: int = 0) -> None:
+        """Count one verification of `n_verified` proposed tokens (0: a plain step) after `n_held`
+        held bonus tokens (greedy cospec: not proposals, not counted as drafted)."""
         self.n_mismatches += verdict.mismatches
         self.n_overrides += verdict.overrides
         self.t_arbiter += verdict.seconds
+        accepted = max(verdict.num_accepted - n_held, 0)
         if n_verified:
             self.n_cycles += 1
             self.n_drafted += n_verified
-            self.n_accepted += verdict.num_accepted
-            self.accepted_lengths.append(verdict.num_accepted)
+            self.n_accepted += accepted
+            self.accepted_lengths.append(accepted)
             self.draft_lengths.append(n_verified)
-        else:
+        elif not n_held:
             self.n_target_steps += 1
 
     def summary(self) -> dict:

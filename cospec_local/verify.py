@@ -37,6 +37,9 @@ SAMPLED = "sampled"  # drawn from r with nothing proposed (target-only, draft-on
 ARBITRATED = "arbitrated"  # a mismatching proposed token a verifier chose to keep (CoSpec)
 FORCED = "forced"  # the only token the grammar allowed: emitted with no model call
 PROPOSED_KINDS = (ACCEPTED, ARBITRATED)  # tokens a proposer wrote
+# Kinds a verdict may give its kept tokens: a proposer's, or BONUS for cospec's held bonus (a
+# token the target chose in the previous round, kept pending until the draft had read it).
+KEPT_KINDS = PROPOSED_KINDS + (BONUS,)
 
 
 
@@ -49,8 +52,10 @@ class RowBundle:
     verified; `has_bonus_row` says whether position len(tokens) is among them.
     """
 
-    def __init__(self, slots, combination, params: SamplingParams, tokens, proposers, n_positions, n_vocab):
+    def __init__(self, slots, combination, params: SamplingParams, tokens, proposers, n_positions, n_vocab,
+                 last_token: int = -1):
         self.slots = slots
+        self.last_token = last_token  # the last committed token (-1: unknown)
         self.combination = combination
         self.params = params
         self.tokens = tokens
@@ -78,6 +83,10 @@ class RowBundle:
                 row = slot.token_map.row(row)
             slot.probs[j] = row
         return row
+
+    def previous_token(self, j: int) -> int:
+        """The token before position j: a proposed one, or the last committed token."""
+        return self.tokens[j - 1] if j else self.last_token
 
     def proposal_probs(self, j: int):
         """q_j: the distribution the proposed token x_j was drawn from (one-hot for an n-gram
@@ -135,19 +144,22 @@ def residual(target_probs: np.ndarray, proposal_probs) -> np.ndarray:
     return out if out.sum() > 0.0 else target_probs
 
 
-def verify_run(bundle: RowBundle, rng: np.random.Generator, arbitrate: Callable[[int, int], bool] | None = None) -> Verdict:
+def verify_run(bundle: RowBundle, rng: np.random.Generator, arbitrate: Callable[[int, int], bool] | None = None,
+               first: int = 0) -> Verdict:
     """Verify the bundle's proposed tokens against r, in order.
 
     Greedy: x_j is accepted when it is r_j's argmax. Sampled (Leviathan et al. 2023): accepted with
     probability min(1, r_j(x_j) / q_j(x_j)). At the first mismatch, `arbitrate(j, choice)` (CoSpec;
     `choice` = argmax r_j) may keep x_j and go on; otherwise the next token is the correction:
     argmax r_j, or a draw from norm(max(0, r_j - q_j)). When every token is kept and position t is
-    scored, a bonus comes from r_t. Without an arbiter the output follows r exactly.
+    scored, a bonus comes from r_t. Without an arbiter the output follows r exactly. Tokens before
+    position `first` were already decided (cospec's held bonus): kept as BONUS.
     """
     greedy = bundle.params.greedy
-    kinds: list[str] = []
+    kinds: list[str] = [BONUS] * first
     mismatches = 0
-    for j, token in enumerate(bundle.tokens):
+    for j in range(first, len(bundle.tokens)):
+        token = bundle.tokens[j]
         if greedy:
             choice = bundle.combined_argmax(j)
             if choice == token:

@@ -9,12 +9,12 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from cospec_local import load_pair
-from cospec_local.arbiter import FEATURE_NAMES, ArbitratingVerifier, ConstantPolicy, OnnxPolicy, PolicyError
+from cospec_local.arbiter import FEATURE_NAMES, GENERIC_FEATURES, GENERIC_POLICY, ArbitratingVerifier, ConstantPolicy, OnnxPolicy, PolicyError
 from cospec_local.config import GenerationConfig
 from cospec_local.lab.testworld.tasks import TASK_STOP
 from cospec_local.lab.testworld.tasks import problems
 from cospec_local.lab.training import NumpyPolicy, TaskSource, TrainSettings, export_onnx, train_policy
-from cospec_local.verify import ACCEPTED, ARBITRATED, CORRECTION
+from cospec_local.verify import ACCEPTED, ARBITRATED, BONUS, CORRECTION
 from cospec_local.api import collect
 from fake_backend import N_VOCAB, make_engine
 from stats_util import assert_matches
@@ -22,7 +22,7 @@ from stats_util import assert_matches
 FAMILY = Path(__file__).resolve().parents[1] / "models" / "family"
 DRAFT, TARGET = str(FAMILY / "draft.gguf"), str(FAMILY / "target.gguf")
 PROMPTS = [p.prompt for family in ("add", "count") for p in problems(family, "eval", 8, start=700)]
-N = len(FEATURE_NAMES)
+N = len(GENERIC_FEATURES)
 
 
 def constant_policy_file(path, keep: bool) -> Path:
@@ -62,16 +62,17 @@ def test_a_policy_that_always_defers_gives_plain_speculative_output(pair, polici
 
 
 def test_a_policy_that_always_keeps_gives_draft_only_output(pair, policies):
-    """Every mismatch keeps the draft's token and the draft writes every token: draft-only output;
-    no target token is ever emitted."""
-    overrides = 0
+    """Every mismatch keeps the draft's token, and the draft reads every held bonus token: draft-only
+    output; a target token is emitted only where the draft would have written the same one."""
+    overrides = held = 0
     for prompt in PROMPTS:
         out = greedy(pair, prompt, mode="cospec", policy=str(policies["keep"]))
         assert out.tokens == greedy(pair, prompt, mode="draft").tokens
-        assert set(out.sources) <= {ACCEPTED, ARBITRATED}
+        assert set(out.sources) <= {ACCEPTED, ARBITRATED, BONUS}
         assert out.stats.n_overrides == out.stats.n_mismatches
         overrides += out.stats.n_overrides
-    assert overrides > 0
+        held += out.sources.count(BONUS)
+    assert overrides > 0 and held > 0
 
 
 def test_arbitration_time_is_measured_and_small(pair, policies):
@@ -85,27 +86,38 @@ def test_arbitration_time_is_measured_and_small(pair, policies):
     assert 0 < arbiter < 0.25 * total
 
 
-def test_onnxruntime_scores_equal_the_training_forward_pass(tmp_path):
+@pytest.mark.parametrize("tokens", [False, True])
+def test_onnxruntime_scores_equal_the_training_forward_pass(tmp_path, tokens):
     """The exported graph computes what torch computes for the trained network (and the numpy
-    copy used in rollouts): float32 against float32 within 1e-5."""
+    copy used in rollouts): float32 against float32 within 1e-5; with token features, through
+    the embedding tables (looked up by the ids in the last three columns)."""
     import torch
 
     from cospec_local.lab.training import _torch_net
 
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    net = _torch_net(N, 8)
+    n_vocab = 37
+    net = _torch_net(8, n_vocab if tokens else None, "37:test" if tokens else None)
     with torch.no_grad():
         net.mu.copy_(torch.tensor(rng.normal(size=N), dtype=torch.float32))
         net.sd.copy_(torch.tensor(rng.uniform(0.5, 2, size=N), dtype=torch.float32))
+        if tokens:
+            net.emb.copy_(torch.tensor(rng.normal(size=net.emb.shape), dtype=torch.float32))
     onnx_policy = OnnxPolicy(export_onnx(net.numpy_policy(), tmp_path / "p.onnx", {}))
-    rows = rng.normal(size=(200, N)).astype(np.float32)
+    assert onnx_policy.feature_names == (FEATURE_NAMES if tokens else GENERIC_FEATURES)
+    assert onnx_policy.vocabulary == ("37:test" if tokens else None)
+    rows = np.concatenate([rng.normal(size=(200, N)), rng.integers(0, n_vocab, size=(200, 3))], axis=1).astype(np.float32)
     got = np.array([onnx_policy.keep_probability(r) for r in rows])
     with torch.no_grad():
         expected = torch.sigmoid(net.logit(torch.tensor(rows))).numpy()
     assert np.abs(got - expected).max() < 1e-5
     assert np.abs(got - [net.numpy_policy().keep_probability(r.astype(np.float64)) for r in rows]).max() < 1e-5
     assert got.std() > 0.02  # the rows really exercise the network
+    if tokens:  # the ids matter: the same generic features with other tokens score differently
+        other = rows.copy()
+        other[:, N:] = (other[:, N:] + 1) % n_vocab
+        assert np.abs(got - [onnx_policy.keep_probability(r) for r in other]).max() > 0.05
 
 
 def test_bad_policy_files_are_refused_clearly(tmp_path):
@@ -164,15 +176,26 @@ def test_sampled_cospec_follows_the_target_when_deferring_and_the_draft_when_kee
         assert (CORRECTION in kinds) == (keep == 0.0) and (ARBITRATED in kinds) == (keep == 1.0)
 
 
-def test_a_short_seeded_training_run_beats_its_initial_policy(pair, tmp_path):
-    """Group-relative policy gradient on the test world: held-out accuracy of the deterministic
-    policy after three epochs is above that of the initial (untrained) one."""
-    settings = TrainSettings(epochs=3, batches_per_epoch=2, problems_per_batch=12, group_size=6, held_out=40, seed=0)
+@pytest.mark.parametrize("estimator", ["decision", "group"])
+def test_a_short_seeded_training_run_beats_its_initial_policy(pair, tmp_path, estimator):
+    """Policy gradient on the test world, from random weights, with either advantage estimator:
+    held-out accuracy of the deterministic policy after three epochs is above that of the
+    initial (untrained) one, and the history counts the rollouts (branches included)."""
+    settings = TrainSettings(epochs=3, batches_per_epoch=2, problems_per_batch=12, group_size=6, held_out=40, seed=0,
+                             estimator=estimator)
     report = train_policy(pair, tmp_path / "p.onnx", settings, TaskSource(("add", "count")), progress=False)
     history = report["settings"]["history"]
     assert history[-1]["held_out_accuracy"] > history[0]["held_out_accuracy"]
+    rollouts = [h["rollouts"] for h in history]
+    assert rollouts[0] == 0 and all(b > a for a, b in zip(rollouts, rollouts[1:]))
+    if estimator == "group":
+        assert rollouts[-1] == 3 * 2 * 12 * 6
+    else:  # one rollout per problem plus one branch per decision (at most `branches`)
+        assert 3 * 2 * 12 < rollouts[-1] <= 3 * 2 * 12 * (1 + settings.branches)
     policy = OnnxPolicy(tmp_path / "p.onnx")
-    assert json.loads(policy.metadata["cospec.training"])["algorithm"] == "group-relative policy gradient"
+    training = json.loads(policy.metadata["cospec.training"])
+    assert training["estimator"] == estimator and training["start"] == "random"
+    assert policy.feature_names == FEATURE_NAMES and policy.vocabulary == pair.engine.vocabulary()
 
 
 def test_train_policy_on_a_jsonl_task_file(tmp_path):
@@ -242,7 +265,9 @@ def test_the_default_pair_runs_cospec(default_pair_paths):
         out = gemma.generate("def quicksort(arr):", mode="cospec", temperature=0, max_tokens=48)
         assert out.stats.n_generated == 48
         assert out.stats.n_overrides <= out.stats.n_mismatches
-        assert set(out.sources) <= {ACCEPTED, ARBITRATED, CORRECTION}
+        assert set(out.sources) <= {ACCEPTED, ARBITRATED, CORRECTION, BONUS}
+        # The shipped policy reads the test world's token ids: Gemma gets the model-agnostic one.
+        assert gemma.engine.load_policy(None).path == GENERIC_POLICY.resolve()
 
 
 def test_cospec_output_does_not_depend_on_where_draft_runs_are_cut(pair):
@@ -274,13 +299,15 @@ def test_cospec_runs_to_the_last_slot_of_the_context(tmp_path, policies):
 
 
 def test_cospec_runs_fill_the_verification_batch_spec_would_use(pair):
-    """spec's batch holds k drafted tokens plus the bonus row; cospec has no bonus row, so with a
-    fixed -k its draft writes k + 1 tokens per verification (and never more)."""
-    for k in (2, 5):
-        lengths = []
-        for prompt in PROMPTS:
-            out = greedy(pair, prompt, mode="cospec", draft_max=k, adaptive=False, draft_p_min=0.0)
-            lengths += out.stats.draft_lengths
-            assert out.stats.model_calls["target"] == out.stats.n_cycles
-        assert max(lengths) == k + 1
-        assert sum(n == k + 1 for n in lengths) > 0.8 * len(lengths)
+    """Greedy, cospec's cycles are spec's: k drafted tokens (after the held bonus) in a batch of
+    k + 1 rows; sampled, it has no bonus row, so its draft writes k + 1 tokens per verification."""
+    for temperature, extra in ((0.0, 0), (0.8, 1)):
+        for k in (2, 5):
+            lengths = []
+            for prompt in PROMPTS:
+                out = pair.generate(prompt, mode="cospec", temperature=temperature, seed=1, max_tokens=150, stop=TASK_STOP,
+                                    draft_max=k, adaptive=False, draft_p_min=0.0)
+                lengths += out.stats.draft_lengths
+                assert out.stats.model_calls["target"] == out.stats.n_cycles
+            assert max(lengths) == k + extra
+            assert sum(n == k + extra for n in lengths) > 0.8 * len(lengths)
