@@ -456,7 +456,7 @@ class Engine:
         emitted = [(pending[j], verdict.accepted_kinds[j], proposed_by[j].name, None) for j in range(m)]
         held = int(bool(t) and proposed_by[0] is mode.held_bonus)
         stats.count_verification(t - held, verdict, held)
-        if m == t and verdict.next_kind == BONUS and mode.holds_bonus and gen.grammar is None:
+        if verdict.next_token is not None and verdict.next_kind == BONUS and mode.holds_bonus and gen.grammar is None:
             # greedy cospec: the bonus token waits, pending, until the draft has read it (its
             # target row stays queued as row 0). Not under a grammar: the draft's row there is
             # not masked, so its choice could be one the grammar forbids.

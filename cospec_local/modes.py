@@ -283,10 +283,10 @@ class CoSpec(Mode):
 
     The arbiter needs the draft's row at every position. Greedy, the draft proposes k tokens as in
     spec and the target's bonus token is *held* (`proposers.HeldBonus`): it stays pending, the
-    draft's next call reads it together with the last accepted token (one call, as in spec) and
-    gives its row there, and the arbiter judges that position like a drafted one. So a cycle costs
-    spec's calls (k draft calls, one target call of k + 1 rows), every position is arbitrated, and
-    overrides only lengthen accepted runs. Sampled, the draft writes every token instead (k + 1
+    draft's next call reads it together with the last accepted token (the call spec makes anyway)
+    and gives its row there, and the arbiter judges that position like a drafted one before the
+    draft goes on from the row after it. So a cycle costs spec's calls (k draft calls, one target
+    call of k + 1 rows), every position is arbitrated, and overrides only lengthen accepted runs. Sampled, the draft writes every token instead (k + 1
     per verification, no bonus row), because a held sample could not be judged by the rejection
     test. Runs stop early where the draft's confidence drops (`--draft-p-min`)."""
 
@@ -316,25 +316,21 @@ class CoSpec(Mode):
         return bool(gen.pending) and gen.proposed_by[0] is self.held_bonus
 
     def ready(self, gen):
-        # A held bonus: the draft's row there, and the target's rows for whatever was drafted after it.
-        return not self._holding(gen) or (bool(self.model.slot.rows)
-                                           and len(self.slots[self.engine.target_index].rows) >= len(gen.pending))
+        return not self._holding(gen) or bool(self.model.slot.rows)  # a held bonus: once the draft has read it
 
     def take_turn(self, gen):
-        holding = self._holding(gen)
-        if holding and len(gen.pending) == 1 and not self.model.slot.rows:
-            n = min(self.config.draft_max, gen.limit - 1)
-            # (A proposer writes nothing when the grammar allows nothing it could write.)
-            if n <= 0 or not self.model.propose(gen, n):
-                self.model.slot.score(gen.context, gen.pending, upto=1)  # only its row at the held bonus
-            if len(gen.pending) > 1:
-                return
-        elif not gen.pending and gen.limit > 0:
+        if self._holding(gen):
+            # The draft reads the last accepted token and the held bonus in one call (the call
+            # spec makes first in a cycle) and so has its row at the bonus, which is judged
+            # before anything is drafted after it: the reply's stop is seen as early as in spec.
+            self.model.slot.score(gen.context, gen.pending)
+            return
+        if not gen.pending and gen.limit > 0:
             n = self.config.draft_max if self.holds_bonus else self.config.draft_max + 1
+            # (A proposer writes nothing when the grammar allows nothing it could write.)
             if self.model.propose(gen, min(n, gen.limit)):
                 return
-        if not self.ready(gen) or not self.slots[self.engine.target_index].rows:
-            self.score(gen)
+        self.score(gen)
 
 
 class Collab(Mode):

@@ -279,6 +279,31 @@ def test_cospec_output_does_not_depend_on_where_draft_runs_are_cut(pair):
         assert len(outputs) == 1, prompt
 
 
+def test_greedy_cospec_makes_spec_s_model_calls(pair, policies):
+    """With the held bonus a greedy cospec cycle costs spec's calls: with a fixed -k and no
+    confidence stops, k drafted tokens per cycle, one draft call per drafted token (the call that
+    reads a held bonus is the next cycle's first; at most one more reads the reply's last bonus)
+    and one target call per cycle; a deferring policy gives spec's tokens."""
+    for prompt in PROMPTS[::2]:
+        spec, out = (greedy(pair, prompt, mode=mode, draft_max=4, adaptive=False, draft_p_min=0.0, policy=str(policies["defer"]))
+                     for mode in ("spec", "cospec"))
+        assert out.tokens == spec.tokens
+        s = out.stats
+        assert s.n_drafted <= s.model_calls["draft"] <= s.n_drafted + 1
+        assert s.model_calls["target"] == s.n_cycles
+        assert set(s.draft_lengths[:-1]) == {4}
+
+
+def test_a_reply_cut_by_max_tokens_is_a_prefix_of_the_longer_one(pair):
+    """The last token of a reply cut by --max-tokens is a held bonus the draft still reads (and
+    the arbiter may replace): every cut is a prefix of the full reply."""
+    for prompt in PROMPTS[:4] + PROMPTS[-4:]:
+        full = greedy(pair, prompt, mode="cospec").tokens
+        for n in (1, 2, 3, 5, 8, 13):
+            out = pair.generate(prompt, mode="cospec", temperature=0, max_tokens=n, stop=TASK_STOP)
+            assert out.tokens == full[:n]
+
+
 def test_cospec_runs_to_the_last_slot_of_the_context(tmp_path, policies):
     """At the end of the context cospec needs no bonus slot: it fills the context and stops with
     finish 'context' (it used to spin when one slot was left)."""
