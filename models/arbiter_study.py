@@ -81,11 +81,15 @@ def cmd_efficiency(args, pair) -> dict:
     """RL from random weights with each estimator, to about the same number of rollouts."""
     report = {}
     for estimator, epochs in (("group", args.group_epochs), ("decision", args.decision_epochs)):
-        settings = TrainSettings(epochs=epochs, lr=args.lr, seed=args.seed, held_out=args.held, estimator=estimator)
+        settings = TrainSettings(epochs=epochs, lr=args.lr, seed=args.seed, held_out=args.curve_held, estimator=estimator,
+                                 batches_per_epoch=args.batches)
         out = Path(args.out).with_name(f"rl_random_{estimator}.onnx")
         result = train_policy(pair, out, settings, TaskSource(("add", "count")), progress=False)
+        from cospec_local.arbiter import OnnxPolicy
+
+        # The exported (best) epoch on the full validation set, comparable with the supervised run's.
         report[estimator] = {"history": result["settings"]["history"], "seconds": result["seconds"],
-                             "exported_epoch": result["exported_epoch"]}
+                             "exported_epoch": result["exported_epoch"], **per_family(pair, OnnxPolicy(out), args.held)}
         print(estimator, [(h["rollouts"], round(h["held_out_accuracy"], 3)) for h in result["settings"]["history"]], flush=True)
     return report
 
@@ -176,12 +180,14 @@ def main() -> None:
     parser.add_argument("--out", default="study/out.json")
     parser.add_argument("--dir", default="study")
     parser.add_argument("--held", type=int, default=150, help="validation problems per family")
+    parser.add_argument("--curve-held", type=int, default=50, help="validation problems per family scored every epoch")
+    parser.add_argument("--batches", type=int, default=2, help="batches per epoch")
     parser.add_argument("--label", type=int, default=200, help="training problems labelled for the supervised baseline")
     parser.add_argument("--lr", type=float, default=0.03)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--group-epochs", type=int, default=16)
-    parser.add_argument("--decision-epochs", type=int, default=32)
+    parser.add_argument("--group-epochs", type=int, default=12)
+    parser.add_argument("--decision-epochs", type=int, default=16)
     parser.add_argument("--costs", type=lambda s: [float(c) for c in s.split(",")], default=[0.0, 1.0, 3.0])
     parser.add_argument("--tokens", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()

@@ -148,6 +148,36 @@ def test_bad_policy_files_are_refused_clearly(tmp_path):
         OnnxPolicy(with_metadata("width.onnx", **{"cospec.feature_names": "draft_p_own,target_p_own,draft_entropy"}))
 
 
+def token_policy_file(path, vocabulary: str, n_vocab: int) -> Path:
+    """A vocabulary-bound policy (token features, random tables) claiming `vocabulary`."""
+    rng = np.random.default_rng(0)
+    policy = NumpyPolicy(np.zeros(N), np.ones(N), rng.normal(size=(4, N)), np.zeros(4), rng.normal(size=(1, 4)), [0.0],
+                         emb=rng.normal(size=(3, n_vocab, 4)), vocabulary=vocabulary)
+    return export_onnx(policy, path, {"cospec.threshold": "0.5"})
+
+
+def test_a_vocabulary_bound_policy_runs_only_on_its_vocabulary(pair, tmp_path):
+    """A policy reading token ids names the vocabulary it was trained with: on that pair it runs;
+    given explicitly for another vocabulary it is refused with the reason; as the default it
+    gives way to the shipped model-agnostic policy."""
+    from cospec_local.engine import Engine
+
+    n_vocab = pair.engine.n_vocab
+    ours = token_policy_file(tmp_path / "ours.onnx", pair.engine.vocabulary(), n_vocab)
+    assert pair.engine.load_policy(str(ours)).vocabulary == pair.engine.vocabulary()
+    out = greedy(pair, PROMPTS[0], mode="cospec", policy=str(ours))
+    assert out.stats.n_generated > 0
+    other = token_policy_file(tmp_path / "other.onnx", f"{n_vocab}:0123456789abcdef", n_vocab)
+    with pytest.raises(PolicyError, match="reads token identities of the vocabulary it was trained with"):
+        greedy(pair, PROMPTS[0], mode="cospec", policy=str(other))
+    r = CliRunner().invoke(cli, ["generate", "Q: 1+2=?\n", "--draft", DRAFT, "--target", TARGET, "--ctx-size", "512",
+                                 "--mode", "cospec", "--policy", str(other)])
+    assert r.exit_code == 1 and "train one for this pair" in r.output
+    fake, _ = make_engine()
+    assert fake.load_policy(None).path == GENERIC_POLICY.resolve()
+    assert OnnxPolicy(GENERIC_POLICY).vocabulary is None
+
+
 def test_cli_refuses_a_bad_policy_before_generating(tmp_path):
     r = CliRunner().invoke(cli, ["generate", "Q: 1+2=?\n", "--draft", DRAFT, "--target", TARGET, "--ctx-size", "512",
                                  "--mode", "cospec", "--policy", str(tmp_path / "nope.onnx")])
