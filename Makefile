@@ -106,7 +106,7 @@ models: setup
 # The shipped CoSpec policy (models/family/README.md); the library ships a copy as its default.
 policy: setup
 	$(VENV)/bin/cospec-local train-policy --draft models/family/draft.gguf --target models/family/target.gguf \
-	  --threads 1 --ctx-size 512 --out models/family/policy.onnx --epochs 8 --lr 0.003 \
+	  --threads 1 --ctx-size 512 --out models/family/policy.onnx --epochs 8 --lr 0.01 --held-out 150 \
 	  --compare-supervised 200 --init-supervised
 	cp models/family/policy.onnx cospec_local/data/cospec_policy.onnx
 

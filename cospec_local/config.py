@@ -70,7 +70,7 @@ class GenerationConfig:
         None, "Weighted-ensemble weights, one per model (draft, target, extra models), e.g. 0.5,0.5; default equal.",
         items=float)
     mu: float = _opt(0.1, "Contrastive-decoding strength (r = softmax((l_target - mu l_draft) / T)).")
-    policy: str | None = _opt(None, "CoSpec: the ONNX arbitration policy (default: the one shipped for the test-world family).")
+    policy: str | None = _opt(None, "CoSpec: the ONNX arbitration policy (default: the one shipped for the test-world family; for models with another vocabulary, the shipped model-agnostic one).")
     threshold: float = _opt(0.5, "CoSpec: keep the draft's token at a mismatch when the policy's keep probability exceeds this.")
     gamma: tuple[int, ...] | None = _opt(
         None, "CoS proposal length per model (draft, target, extra models), e.g. 5,1; default: "

@@ -118,6 +118,8 @@ class Conversation:
         self.ngram_length_policy = AdaptiveDraftLength(probe_growth=2, cycle_decay=0.95, full_length=True)
         # The same for the target's MTP head (`--draft-source mtp`).
         self.mtp_length_policy = AdaptiveDraftLength()
+        # cospec's draft: its own acceptance (kept tokens count), lengths only (it always drafts).
+        self.cospec_length_policy = AdaptiveDraftLength()
         self.ngram_index = NgramIndex()  # follows the context
         # Earlier generations' tokens shared with other conversations (a server option; None: off).
         self.ngram_pool: SharedNgramPool | None = None
@@ -270,13 +272,19 @@ class Engine:
         if key not in self._policies:
             self._policies[key] = OnnxPolicy(resolved)
         policy = self._policies[key]
-        if policy.vocabulary is not None and path is None and policy.vocabulary.split(":")[0] != str(self.n_vocab):
-            return self.load_policy(str(GENERIC_POLICY))  # another pair: no need to hash its vocabulary
-        if policy.vocabulary is not None and policy.vocabulary != self.vocabulary():
-            if path is None:
-                return self.load_policy(str(GENERIC_POLICY))
-            policy.check_vocabulary(self.vocabulary())
+        if self._fits(policy):
+            return policy
+        if path is None:
+            return self.load_policy(str(GENERIC_POLICY))
+        policy.check_vocabulary(self.vocabulary())  # raises, saying why
         return policy
+
+    def _fits(self, policy: OnnxPolicy) -> bool:
+        """Whether `policy` can read these models' tokens (a model-agnostic one always can)."""
+        if policy.vocabulary is None:
+            return True
+        # Another vocabulary size needs no hashing to tell.
+        return policy.vocabulary.split(":")[0] == str(self.n_vocab) and policy.vocabulary == self.vocabulary()
 
     def _check_idle(self) -> None:
         if self._active is not None:

@@ -286,8 +286,12 @@ class CoSpec(Mode):
     draft's next call reads it together with the last accepted token (the call spec makes anyway)
     and gives its row there, and the arbiter judges that position like a drafted one before the
     draft goes on from the row after it. So a cycle costs spec's calls (k draft calls, one target
-    call of k + 1 rows), every position is arbitrated, and overrides only lengthen accepted runs. Sampled, the draft writes every token instead (k + 1
-    per verification, no bonus row), because a held sample could not be judged by the rejection
+    call of k + 1 rows), every position is arbitrated, and overrides only lengthen accepted runs.
+    k is chosen as spec chooses it when it drafts (`AdaptiveDraftLength.best_draft_length`, from
+    the measured acceptance and call times; `--no-adaptive`: k = `-k`), but never 0: a plain
+    target step would leave its token unjudged. Since every position is judged whatever k is,
+    greedy output does not depend on k. Sampled, the draft writes every token instead (k + 1 per
+    verification, no bonus row), because a held sample could not be judged by the rejection
     test. Runs stop early where the draft's confidence drops (`--draft-p-min`)."""
 
     name = "cospec"
@@ -298,10 +302,12 @@ class CoSpec(Mode):
     def __init__(self, engine, config, conversation):
         super().__init__(engine, config, conversation)
         draft = _draft_index(engine, "mode 'cospec' needs a draft model")
-        self.model = ModelProposer(draft, engine.slots[draft], stops_when_unsure=True)
-        self.active = (draft, engine.target_index)
         self.has_bonus_row = self.holds_bonus = config.sampling.greedy
+        lengths = conversation.cospec_length_policy if config.adaptive and self.holds_bonus else None
+        self.model = ModelProposer(draft, engine.slots[draft], stops_when_unsure=True, length_policy=lengths)
+        self.active = (draft, engine.target_index)
         self.held_bonus = HeldBonus(engine.slots[engine.target_index].name, draft)
+        self._k = 0  # tokens drafted this round
 
     def rolls_back_past_last_call(self, index):
         return _rolls_back_past_last_call(self.slots, index, self.model)
@@ -326,11 +332,25 @@ class CoSpec(Mode):
             self.model.slot.score(gen.context, gen.pending)
             return
         if not gen.pending and gen.limit > 0:
-            n = self.config.draft_max if self.holds_bonus else self.config.draft_max + 1
+            if self.holds_bonus:
+                lengths = self.model.length_policy
+                n = lengths.best_draft_length(self.config.draft_max) if lengths else self.config.draft_max
+            else:
+                n = self.config.draft_max + 1
             # (A proposer writes nothing when the grammar allows nothing it could write.)
-            if self.model.propose(gen, min(n, gen.limit)):
+            self._k = self.model.propose(gen, min(n, gen.limit))
+            if self._k:
                 return
         self.score(gen)
+
+    def observe_score(self, n_rows, seconds):
+        if self.model.length_policy is not None and n_rows:
+            self.model.length_policy.observe_target(n_rows, seconds)
+
+    def observe(self, gen, n_verified, n_accepted, n_emitted):
+        if self._k and self.model.length_policy is not None:  # a drafted run (not a held bonus alone)
+            self.model.length_policy.observe_acceptance(n_verified, n_accepted)
+        self._k = 0
 
 
 class Collab(Mode):

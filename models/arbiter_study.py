@@ -188,7 +188,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--group-epochs", type=int, default=12)
     parser.add_argument("--decision-epochs", type=int, default=16)
-    parser.add_argument("--costs", type=lambda s: [float(c) for c in s.split(",")], default=[0.0, 1.0, 3.0])
+    parser.add_argument("--costs", type=lambda s: [float(c) for c in s.split(",")], default=[3.0, 10.0, 30.0])
     parser.add_argument("--tokens", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     if args.experiment == "plot":
