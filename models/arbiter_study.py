@@ -154,18 +154,22 @@ def cmd_plot(args) -> None:
     fig.tight_layout()
     fig.savefig(d / "efficiency.png", dpi=120)
 
+    if not (d / "frontier.json").exists():
+        return
     fro = json.loads((d / "frontier.json").read_text())
     fig, ax = plt.subplots(figsize=(6, 4))
     sweep = sup["tokens"]["sweep"]
     xs = [sweep[t]["mean_target_calls_per_token"] for t in sweep]
     ys = [sweep[t]["mean_accuracy"] for t in sweep]
     ax.plot(xs, ys, marker="s", ms=4, label="supervised, threshold swept")
-    ax.plot([fro[c]["mean_target_calls_per_token"] for c in fro], [fro[c]["mean_accuracy"] for c in fro], marker="o",
-            ls="", ms=6, label="RL at cost " + ", ".join(fro))
-    for c in fro:
+    costs = [c for c in fro if c not in ("seconds", "args")]
+    ax.plot([fro[c]["mean_target_calls_per_token"] for c in costs], [fro[c]["mean_accuracy"] for c in costs], marker="o",
+            ls="", ms=6, label="RL at cost " + ", ".join(costs))
+    for c in costs:
         ax.annotate(c, (fro[c]["mean_target_calls_per_token"], fro[c]["mean_accuracy"]), fontsize=8)
-    for name in ("rule", "defer"):
-        ax.plot(sup[name]["mean_target_calls_per_token"], sup[name]["mean_accuracy"], marker="x", ls="", label=name)
+    for name in ("rule", "defer", "keep"):
+        ax.plot(sup[name]["mean_target_calls_per_token"], sup[name]["mean_accuracy"], marker="x", ls="",
+                label={"defer": "always defer (= target)", "keep": "always keep (= draft)"}.get(name, name))
     ax.set_xlabel("target calls per generated token")
     ax.set_ylabel("validation accuracy (add + count)")
     ax.set_title("Accuracy against target calls")

@@ -272,16 +272,21 @@ def test_eval_compares_target_draft_spec_cospec_rule_and_oracle(tmp_path, polici
 
 
 def test_the_shipped_policy_loads_and_is_the_one_in_models(pair):
-    """The library's default policy is the test-world policy shipped in models/family, it carries
-    its provenance and fitted rule, and `--mode cospec` uses it without --policy."""
+    """The library's default policy is the test-world policy shipped in models/family: trained by
+    RL (per-decision advantages, from the supervised start, an RL epoch exported), bound to the
+    family's vocabulary, with its provenance and fitted rule; `--mode cospec` uses it without
+    --policy. The model-agnostic policy for other pairs ships beside it."""
     from cospec_local.arbiter import DEFAULT_POLICY
 
     shipped = FAMILY / "policy.onnx"
     assert DEFAULT_POLICY.read_bytes() == shipped.read_bytes()
     policy = OnnxPolicy(DEFAULT_POLICY)
     training = json.loads(policy.metadata["cospec.training"])
-    assert training["algorithm"] == "group-relative policy gradient"
+    assert training["algorithm"] == "policy gradient, per-decision Monte Carlo advantages"
+    assert training["start"] == "supervised (oracle labels)" and training["exported_epoch"] > 0
     assert {"cospec.rule_tau", "cospec.rule_rho"} <= set(policy.metadata)
+    assert policy.vocabulary == pair.engine.vocabulary() and pair.engine.load_policy(None).path == DEFAULT_POLICY.resolve()
+    assert OnnxPolicy(GENERIC_POLICY).vocabulary is None
     out = greedy(pair, PROMPTS[-1], mode="cospec")
     assert out.stats.n_generated > 0 and out.finish_reason == "stop"
 
