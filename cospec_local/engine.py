@@ -151,6 +151,15 @@ class Generation:
         self.round_started = self.started
         self.stopped = False  # an end-of-generation token or a stop string ended the reply
         self.grammar: GrammarState | None = None  # the reply's constraint, if any
+        self.text: TextStream | None = None  # the reply's text so far (stop strings)
+        self.eog: set[int] = set()
+        self.token_bytes = None  # the target's token -> bytes
+
+    def would_end(self, token: int) -> bool:
+        """Whether emitting `token` next would end the reply: an end-of-generation token, a stop
+        string it completes, or the last token max_tokens allows."""
+        return (token in self.eog or self.stats.n_generated + 1 >= self.config.max_tokens
+                or (self.text is not None and self.text.would_stop(self.token_bytes(token))))
 
     def add_pending(self, token: int, proposer: Proposer) -> None:
         """Append a proposed token (shared ids)."""
@@ -302,6 +311,7 @@ class Engine:
                          GenerationStats(n_prompt=len(context_tokens)))
         gen.grammar = grammar
         text = TextStream(config.stop)
+        gen.text, gen.eog, gen.token_bytes = text, self._eog, self.slots[self.target_index].model.token_bytes
         start = getattr(verifier, "start", None)  # a verifier with per-reply state (the arbiter)
         if start is not None:
             start()

@@ -284,9 +284,10 @@ class CoSpec(Mode):
     The arbiter needs the draft's row at every position. Greedy, the draft proposes k tokens as in
     spec and the target's bonus token is *held* (`proposers.HeldBonus`): it stays pending, the
     draft's next call reads it together with the last accepted token (the call spec makes anyway)
-    and gives its row there, and the arbiter judges that position like a drafted one before the
-    draft goes on from the row after it. So a cycle costs spec's calls (k draft calls, one target
-    call of k + 1 rows), every position is arbitrated, and overrides only lengthen accepted runs.
+    and gives its row there. Where the draft agrees and the token cannot end the reply, the draft
+    goes on after it and the bonus is verified with that run; otherwise it is judged alone first
+    (by the arbiter at a mismatch). So a cycle costs spec's calls (k draft calls, one target call
+    of k + 1 rows), every position is arbitrated, and overrides only lengthen accepted runs.
     k is chosen as spec chooses it when it drafts (`AdaptiveDraftLength.best_draft_length`, from
     the measured acceptance and call times; `--no-adaptive`: k = `-k`), but never 0: a plain
     target step would leave its token unjudged. Since every position is judged whatever k is,
@@ -322,34 +323,47 @@ class CoSpec(Mode):
         return bool(gen.pending) and gen.proposed_by[0] is self.held_bonus
 
     def ready(self, gen):
-        return not self._holding(gen) or bool(self.model.slot.rows)  # a held bonus: once the draft has read it
+        # A held bonus: once the draft has read it, and the target has scored what was drafted after it.
+        if not self._holding(gen):
+            return True
+        return bool(self.model.slot.rows) and len(self.slots[self.engine.target_index].rows) >= len(gen.pending)
 
     def take_turn(self, gen):
         if self._holding(gen):
+            slot = self.model.slot
+            if slot.rows:  # the draft went on after the held bonus: the target scores it all
+                self.score(gen)
+                return
             # The draft reads the last accepted token and the held bonus in one call (the call
-            # spec makes first in a cycle) and so has its row at the bonus, which is judged
-            # before anything is drafted after it: the reply's stop is seen as early as in spec.
-            self.model.slot.score(gen.context, gen.pending)
+            # spec makes first in a cycle), so it has its row at the bonus. Where it would have
+            # written the same token and that token cannot end the reply, it drafts on and the
+            # bonus is judged with the run; otherwise the bonus is judged alone first (a
+            # mismatch, or a reply's last token: its end is then seen as early as in spec).
+            slot.score(gen.context, gen.pending)
+            b = gen.pending[0]
+            if slot.to_shared(int(np.argmax(slot.rows[0]))) == b and not gen.would_end(b) and gen.limit > 1:
+                self._k = self.model.propose(gen, self._draft_length(gen.limit - 1))
             return
         if not gen.pending and gen.limit > 0:
-            if self.holds_bonus:
-                lengths = self.model.length_policy
-                n = lengths.best_draft_length(self.config.draft_max) if lengths else self.config.draft_max
-            else:
-                n = self.config.draft_max + 1
+            n = self._draft_length(gen.limit) if self.holds_bonus else min(self.config.draft_max + 1, gen.limit)
             # (A proposer writes nothing when the grammar allows nothing it could write.)
-            self._k = self.model.propose(gen, min(n, gen.limit))
+            self._k = self.model.propose(gen, n)
             if self._k:
                 return
         self.score(gen)
+
+    def _draft_length(self, room: int) -> int:
+        lengths = self.model.length_policy
+        return min(lengths.best_draft_length(self.config.draft_max) if lengths else self.config.draft_max, room)
 
     def observe_score(self, n_rows, seconds):
         if self.model.length_policy is not None and n_rows:
             self.model.length_policy.observe_target(n_rows, seconds)
 
     def observe(self, gen, n_verified, n_accepted, n_emitted):
-        if self._k and self.model.length_policy is not None:  # a drafted run (not a held bonus alone)
-            self.model.length_policy.observe_acceptance(n_verified, n_accepted)
+        if self._k and self.model.length_policy is not None:  # a drafted run (after any held bonus)
+            held = n_verified - self._k
+            self.model.length_policy.observe_acceptance(self._k, max(n_accepted - held, 0))
         self._k = 0
 
 

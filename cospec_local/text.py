@@ -32,6 +32,15 @@ class TextStream:
         self._held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep]
 
+    def would_stop(self, data: bytes) -> bool:
+        """Whether pushing `data` next would reach a stop string (the stream is left as it was)."""
+        if not self.stop:
+            return False
+        state = self._decoder.getstate()
+        text = self._held + self._decoder.decode(data)
+        self._decoder.setstate(state)
+        return any(s in text for s in self.stop)
+
     def flush(self) -> str:
         out, self._held = self._held + self._decoder.decode(b"", final=True), ""
         return out
