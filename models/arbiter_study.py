@@ -96,14 +96,14 @@ def cmd_efficiency(args, pair) -> dict:
 
 def cmd_frontier(args, pair) -> dict:
     """RL (from the supervised weights) at several costs per target call, each scored on validation."""
+    from cospec_local.arbiter import OnnxPolicy
+
     init, _ = supervised_policy(pair, ("add", "count"), args.label, True)
-    report = {}
+    report = {"0": {"policy": "the shipped one (make policy, cost 0)", **per_family(pair, OnnxPolicy(FAMILY / "policy.onnx"), args.held)}}
     for cost in args.costs:
         settings = TrainSettings(epochs=args.epochs, lr=args.lr, seed=args.seed, held_out=args.held, cost=cost)
         out = Path(args.out).with_name(f"rl_cost_{cost:g}.onnx")
         result = train_policy(pair, out, settings, TaskSource(("add", "count")), progress=False, init=init)
-        from cospec_local.arbiter import OnnxPolicy
-
         report[str(cost)] = {"history": result["settings"]["history"], "exported_epoch": result["exported_epoch"],
                              "seconds": result["seconds"], **per_family(pair, OnnxPolicy(out), args.held)}
         print(cost, round(report[str(cost)]["mean_accuracy"], 3), round(report[str(cost)]["mean_target_calls_per_token"], 4),

@@ -223,10 +223,15 @@ def export_onnx(policy: NumpyPolicy, path: str | Path, metadata: dict[str, str])
     return path
 
 
+def _rollout_config(max_tokens: int, seed: int) -> GenerationConfig:
+    """Greedy cospec with a fixed draft length (-k, no timings): the arbiter's decisions do not
+    depend on k, and a fixed k makes target calls per token, the reward's cost term, reproducible."""
+    return GenerationConfig(mode="cospec", temperature=0.0, max_tokens=max_tokens, stop=TASK_STOP, seed=seed, adaptive=False)
+
+
 def rollout(pair, problem: Problem, verifier, seed: int, max_tokens: int, cost: float = 0.0) -> tuple[float, bool, list]:
     """One cospec generation; returns (reward, correct, the verifier's recorded decisions)."""
-    result = pair.generate(problem.prompt, GenerationConfig(mode="cospec", temperature=0.0, max_tokens=max_tokens,
-                                                            stop=TASK_STOP, seed=seed), verifier=verifier)
+    result = pair.generate(problem.prompt, _rollout_config(max_tokens, seed), verifier=verifier)
     correct = check(problem.family, result.text, problem.answer)
     target_calls = result.stats.model_calls.get("target", 0) / max(result.stats.n_generated, 1)
     return float(correct) - cost * target_calls, correct, list(verifier.decisions)
@@ -242,8 +247,7 @@ def assess(pair, policy, items: list[Problem], threshold: float = 0.5, max_token
     verifier = ArbitratingVerifier(policy, threshold)
     correct, calls, tokens = 0, 0, 0
     for problem in items:
-        result = pair.generate(problem.prompt, GenerationConfig(mode="cospec", temperature=0.0, max_tokens=max_tokens,
-                                                                stop=TASK_STOP, seed=0), verifier=verifier)
+        result = pair.generate(problem.prompt, _rollout_config(max_tokens, 0), verifier=verifier)
         correct += check(problem.family, result.text, problem.answer)
         calls += result.stats.model_calls.get("target", 0)
         tokens += result.stats.n_generated
