@@ -112,23 +112,29 @@ def cmd_frontier(args, pair) -> dict:
 
 
 def cmd_transfer(args, pair) -> dict:
-    """Trained on one family (rule, supervised, RL from supervised), scored on both."""
+    """Trained on one family (rule, supervised, RL from supervised, or from random weights when the
+    family's oracle labels are all of one kind), scored on both."""
     from cospec_local.arbiter import OnnxPolicy
 
     report = {}
-    for train in ("add", "count"):
+    for train in args.train_on:
         tasks = TaskSource((train,))
         rule, _ = fit_rule(pair, tasks.train_set(100), progress=False)
-        sup, n = supervised_policy(pair, (train,), args.label, args.tokens)
+        entry = {"rule": {"tau": rule.tau, "rho": rule.rho, **per_family(pair, rule, args.held)}}
+        try:
+            sup, n = supervised_policy(pair, (train,), args.label, args.tokens)
+            entry["supervised"] = {"labels": n, **per_family(pair, sup, args.held)}
+        except ValueError as e:  # e.g. count: every oracle label is "keep"
+            sup = None
+            entry["supervised"] = {"error": str(e)}
         settings = TrainSettings(families=(train,), epochs=args.epochs, lr=args.lr, seed=args.seed, held_out=args.held,
                                  token_features=args.tokens)
         out = Path(args.out).with_name(f"rl_{train}_only.onnx")
         train_policy(pair, out, settings, tasks, progress=False, init=sup)
-        report[train] = {"rule": {"tau": rule.tau, "rho": rule.rho, **per_family(pair, rule, args.held)},
-                         "supervised": {"labels": n, **per_family(pair, sup, args.held)},
-                         "rl": per_family(pair, OnnxPolicy(out), args.held)}
-        print(train, json.dumps({k: {f: round(v[f]["accuracy"], 3) for f in ("add", "count")} for k, v in report[train].items()}),
-              flush=True)
+        entry["rl"] = {"start": "supervised" if sup is not None else "random", **per_family(pair, OnnxPolicy(out), args.held)}
+        report[train] = entry
+        print(train, json.dumps({k: {f: round(v[f]["accuracy"], 3) for f in ("add", "count")} if "add" in v else v
+                                 for k, v in entry.items()}), flush=True)
     report["target"] = per_family(pair, RulePolicy(1.1, 0.0), args.held)
     return report
 
@@ -194,6 +200,7 @@ def main() -> None:
     parser.add_argument("--decision-epochs", type=int, default=16)
     parser.add_argument("--costs", type=lambda s: [float(c) for c in s.split(",")], default=[3.0, 10.0, 30.0])
     parser.add_argument("--tokens", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--train-on", type=lambda s: s.split(","), default=["add", "count"], help="transfer: families to train on")
     args = parser.parse_args()
     if args.experiment == "plot":
         cmd_plot(args)
