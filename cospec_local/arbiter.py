@@ -236,7 +236,6 @@ class ArbitratingVerifier:
     decisions: list[Decision] = field(default_factory=list)
     acceptance_decay: float = 0.8
     _recent: float = 1.0
-    _n_generated: int = 0
     _last_mismatch: int = -1  # position of the reply's previous mismatch
     _spent: float = 0.0  # seconds of features and policy scoring in the current verification
     _seen: int = 0  # bundle positions already folded into the recent acceptance
@@ -244,7 +243,7 @@ class ArbitratingVerifier:
 
     def start(self) -> None:
         """Forget the previous reply's running statistics (called at the start of each reply)."""
-        self._recent, self._n_generated, self._last_mismatch = 1.0, 0, -1
+        self._recent, self._last_mismatch = 1.0, -1
         self.decisions = []
 
     def _fold_agreements(self, upto: int) -> None:
@@ -260,7 +259,7 @@ class ArbitratingVerifier:
         self._fold_agreements(j)
         self._recent = self.acceptance_decay * self._recent  # this mismatch
         self._seen = j + 1
-        position = self._n_generated + j
+        position = bundle.n_generated + j  # the reply's tokens before it (a held bonus is not yet one)
         x = bundle.tokens[j] if x is None else x
         q_row = bundle.proposal_probs(j) if q_row is None else q_row
         features = mismatch_features(q_row, bundle.combined(j), x, choice, bundle.previous_token(j), position,
@@ -299,6 +298,5 @@ class ArbitratingVerifier:
             if held and self._held_mismatch:
                 verdict.mismatches += 1
         self._fold_agreements(verdict.num_accepted)
-        self._n_generated += verdict.num_accepted + (verdict.next_token is not None)
         verdict.seconds = self._spent
         return verdict

@@ -453,7 +453,7 @@ class Engine:
         if gen.grammar is not None:
             self._constrain_rows(gen, mode, n_positions)
         return RowBundle(slots, mode.combination, gen.config.sampling, gen.pending[:t], gen.proposed_by[:t],
-                         n_positions, self.n_vocab, gen.context[-1])
+                         n_positions, self.n_vocab, gen.context[-1], gen.stats.n_generated)
 
     def _constrain_rows(self, gen: Generation, mode: Mode, n_positions: int) -> None:
         """Every verified row follows the constrained target: mask the rows r is made of, up to

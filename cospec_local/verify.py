@@ -53,9 +53,10 @@ class RowBundle:
     """
 
     def __init__(self, slots, combination, params: SamplingParams, tokens, proposers, n_positions, n_vocab,
-                 last_token: int = -1):
+                 last_token: int = -1, n_generated: int = 0):
         self.slots = slots
         self.last_token = last_token  # the last committed token (-1: unknown)
+        self.n_generated = n_generated  # the reply's tokens committed before position 0
         self.combination = combination
         self.params = params
         self.tokens = tokens

@@ -307,11 +307,42 @@ def test_the_default_pair_runs_cospec(default_pair_paths):
 
 def test_cospec_output_does_not_depend_on_where_draft_runs_are_cut(pair):
     """No feature depends on the run boundaries, which the adaptive draft length picks from
-    timings: greedy cospec output is the same for every draft length, adaptive or fixed."""
-    for prompt in PROMPTS[:6] + PROMPTS[-6:]:
+    timings, and every position is judged (held bonus tokens too): greedy cospec output is the
+    same for every draft length, adaptive or fixed."""
+    prompts = [p.prompt for family in ("add", "count") for p in problems(family, "eval", 20, start=200_244 - 20)]
+    for prompt in prompts + PROMPTS[:4] + PROMPTS[-4:]:
         outputs = {tuple(greedy(pair, prompt, mode="cospec", draft_max=k, adaptive=adaptive).tokens)
-                   for k in (1, 2, 4, 6) for adaptive in (False, True)}
+                   for k in (1, 2, 3, 6) for adaptive in (False, True)}
         assert len(outputs) == 1, prompt
+
+
+def test_the_arbiter_sees_each_mismatch_at_its_position_in_the_reply(pair):
+    """The features' tokens and positions are the reply's: with a deferring policy the target's
+    token at a mismatch is the token emitted at the position the features name, the draft's
+    token differs from it, and the token before it is the one emitted before it (whatever k)."""
+    import math
+
+    from cospec_local.arbiter import FEATURE_NAMES
+
+    col = {name: FEATURE_NAMES.index(name) for name in ("position_in_answer", "draft_token", "target_token", "previous_token")}
+    checked = 0
+    for k in (2, 6):
+        for prompt in PROMPTS:
+            verifier = ArbitratingVerifier(ConstantPolicy(0.0), stochastic=True)
+            out = pair.generate(prompt, mode="cospec", temperature=0, max_tokens=150, stop=TASK_STOP, draft_max=k,
+                                adaptive=False, verifier=verifier)
+            context = pair.tokenize(prompt) + out.tokens
+            n_prompt = len(context) - len(out.tokens)
+            for decision in verifier.decisions:
+                f = decision.features
+                position = round(math.expm1(5 * float(f[col["position_in_answer"]])))
+                if position >= len(out.tokens):  # in the stop string (not part of the reply)
+                    assert out.finish_reason == "stop" and position < len(out.tokens) + 3
+                    continue
+                checked += 1
+                assert out.tokens[position] == f[col["target_token"]] != f[col["draft_token"]]
+                assert context[n_prompt + position - 1] == f[col["previous_token"]]
+    assert checked > 20
 
 
 def test_greedy_cospec_makes_spec_s_model_calls(pair, policies):
