@@ -211,11 +211,16 @@ def test_a_short_seeded_training_run_beats_its_initial_policy(pair, tmp_path, es
     """Policy gradient on the test world, from random weights, with either advantage estimator:
     held-out accuracy of the deterministic policy after three epochs is above that of the
     initial (untrained) one, and the history counts the rollouts (branches included)."""
+    cost = 0.5 if estimator == "group" else 0.0  # a cost per target call: the epoch is chosen by reward
     settings = TrainSettings(epochs=3, batches_per_epoch=2, problems_per_batch=12, group_size=6, held_out=40, seed=0,
-                             estimator=estimator)
+                             estimator=estimator, cost=cost)
     report = train_policy(pair, tmp_path / "p.onnx", settings, TaskSource(("add", "count")), progress=False)
     history = report["settings"]["history"]
     assert history[-1]["held_out_accuracy"] > history[0]["held_out_accuracy"]
+    for h in history:
+        assert 0 < h["held_out_target_calls_per_token"] < 1
+        assert h["held_out_reward"] == pytest.approx(h["held_out_accuracy"] - cost * h["held_out_target_calls_per_token"])
+    assert report["exported_epoch"] == max(range(len(history)), key=lambda e: (history[e]["held_out_reward"], -e))
     rollouts = [h["rollouts"] for h in history]
     assert rollouts[0] == 0 and all(b > a for a, b in zip(rollouts, rollouts[1:]))
     if estimator == "group":

@@ -15,11 +15,13 @@ default). Policy gradient, loss = - sum over decisions of advantage x log pi(dec
 Rollouts decode with a numpy copy of the network (no torch per token). The network is an MLP over
 the model-agnostic features (`arbiter.GENERIC_FEATURES`), standardised with statistics of the
 first rollouts (baked into the exported graph), plus, with `token_features`, embedding tables for
-the token identities (`arbiter.TOKEN_FEATURES`), which bind the policy to the pair's vocabulary. Each epoch logs the held-out accuracy of the
-deterministic policy (threshold 0.5) on validation problems never trained on (and disjoint from the
-evaluation range) and saves a checkpoint (resumable); the epoch with the best validation accuracy
-is exported as ONNX with its metadata: schema version, feature names, threshold, the rule
-baseline's thresholds and the training provenance.
+the token identities (`arbiter.TOKEN_FEATURES`), which bind the policy to the pair's vocabulary.
+Each epoch logs the held-out accuracy and target calls per token of the deterministic policy
+(threshold 0.5) on validation problems never trained on (and disjoint from the evaluation range)
+and saves a checkpoint (resumable); the epoch with the best validation reward (accuracy - cost x
+target calls per token: accuracy when the cost is 0) is exported as ONNX with its metadata: schema
+version, feature names, vocabulary, threshold, the rule baseline's thresholds and the training
+provenance.
 
 Also here: the supervised baseline (labels from oracle branch choices, AutoJudge-style) and the
 fixed-threshold rule fitted on training problems, and `run_training`, which runs all three for
@@ -364,11 +366,9 @@ def train_policy(pair, out: str | Path, settings: TrainSettings, tasks: TaskSour
     held_out = tasks.held_out(settings.held_out)
     if not resume:
         _initialise(net, pair, tasks, settings, init)
-        settings.history = [{"epoch": 0, "rollouts": 0, "held_out_accuracy": accuracy(pair, net.numpy_policy(), held_out,
-                                                                                         max_tokens=settings.max_tokens)}]
+        settings.history = [{"epoch": 0, "rollouts": 0, **_validate(pair, net.numpy_policy(), held_out, settings)}]
         first_epoch = 1
-        best = {"epoch": 0, "held_out_accuracy": settings.history[0]["held_out_accuracy"],
-                "net": copy.deepcopy(net.state_dict())}
+        best = {"epoch": 0, "held_out_reward": settings.history[0]["held_out_reward"], "net": copy.deepcopy(net.state_dict())}
     per_epoch = settings.batches_per_epoch * settings.problems_per_batch
     rollouts = settings.history[-1].get("rollouts", 0)
     for epoch in range(first_epoch, settings.epochs + 1):
@@ -379,14 +379,13 @@ def train_policy(pair, out: str | Path, settings: TrainSettings, tasks: TaskSour
             rollouts += _train_batch(pair, net, optimizer, tasks.train_batch(rng, settings.problems_per_batch), rng,
                                      settings, rewards_seen, bar)
         bar.close()
-        held = accuracy(pair, net.numpy_policy(), held_out, max_tokens=settings.max_tokens)
-        settings.history.append({"epoch": epoch, "rollouts": rollouts, "train_reward": float(np.mean(rewards_seen)),
-                                 "held_out_accuracy": held})
-        if held > best["held_out_accuracy"]:
-            best = {"epoch": epoch, "held_out_accuracy": held, "net": copy.deepcopy(net.state_dict())}
+        held = _validate(pair, net.numpy_policy(), held_out, settings)
+        settings.history.append({"epoch": epoch, "rollouts": rollouts, "train_reward": float(np.mean(rewards_seen)), **held})
+        if held["held_out_reward"] > best["held_out_reward"]:
+            best = {"epoch": epoch, "held_out_reward": held["held_out_reward"], "net": copy.deepcopy(net.state_dict())}
         if progress:
             print(f"epoch {epoch}: {rollouts} rollouts, train reward {np.mean(rewards_seen):.3f}, "
-                  f"held-out accuracy {held:.3f}", flush=True)
+                  f"held-out accuracy {held['held_out_accuracy']:.3f}", flush=True)
         torch.save({"net": net.state_dict(), "optimizer": optimizer.state_dict(), "settings": asdict(settings),
                     "best": best}, checkpoint)
     seconds = time.perf_counter() - t_start
@@ -405,6 +404,14 @@ def train_policy(pair, out: str | Path, settings: TrainSettings, tasks: TaskSour
         metadata["cospec.rule_tau"], metadata["cospec.rule_rho"] = str(rule[0]), str(rule[1])
     export_onnx(net.numpy_policy(), out, metadata)
     return {"settings": asdict(settings), "exported_epoch": best["epoch"], "seconds": seconds, "out": str(out)}
+
+
+def _validate(pair, policy, held_out: list[Problem], settings: TrainSettings) -> dict:
+    """The deterministic policy on the validation problems: accuracy, target calls per token, and
+    the reward the run maximises (accuracy - cost x calls), by which the exported epoch is chosen."""
+    result = assess(pair, policy, held_out, max_tokens=settings.max_tokens)
+    return {"held_out_accuracy": result["accuracy"], "held_out_target_calls_per_token": result["target_calls_per_token"],
+            "held_out_reward": result["accuracy"] - settings.cost * result["target_calls_per_token"]}
 
 
 def _initialise(net, pair, tasks: TaskSource, settings: TrainSettings, init: NumpyPolicy | None) -> None:
