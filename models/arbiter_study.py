@@ -152,9 +152,10 @@ def cmd_plot(args) -> None:
     for estimator, label in (("group", "group-relative (GRPO-style)"), ("decision", "per-decision Monte Carlo")):
         h = eff[estimator]["history"]
         ax.plot([e["rollouts"] for e in h], [e["held_out_accuracy"] for e in h], marker="o", ms=3, label=label)
-    ax.axhline(sup["tokens"]["sweep"]["0.5"]["mean_accuracy"], color="grey", ls="--", label="supervised (oracle labels)")
+    ax.axhline(sup["tokens"]["sweep"]["0.5"]["mean_accuracy"], color="grey", ls="--",
+               label="supervised on oracle labels (150 per family)")
     ax.set_xlabel("training rollouts (branches included)")
-    ax.set_ylabel("validation accuracy (add + count)")
+    ax.set_ylabel("validation accuracy (50 problems per family)")
     ax.set_title("RL from random weights: sample efficiency")
     ax.legend()
     fig.tight_layout()
@@ -170,7 +171,7 @@ def cmd_plot(args) -> None:
     ax.plot(xs, ys, marker="s", ms=4, label="supervised, threshold swept")
     costs = [c for c in fro if c not in ("seconds", "args")]
     ax.plot([fro[c]["mean_target_calls_per_token"] for c in costs], [fro[c]["mean_accuracy"] for c in costs], marker="o",
-            ls="", ms=6, label="RL at cost " + ", ".join(costs))
+            ls="", ms=6, label="RL at cost " + ", ".join(costs) + " (0: the shipped policy)")
     for c in costs:
         ax.annotate(c, (fro[c]["mean_target_calls_per_token"], fro[c]["mean_accuracy"]), fontsize=8)
     for name in ("rule", "defer", "keep"):
