@@ -330,8 +330,12 @@ class Engine:
                     finish = "cancelled"
                     break
                 # Tokens a scoring batch may hold: the exact batch size, the context left, and no
-                # more pending tokens than the reply can still emit.
-                room = min(self.n_ctx - len(gen.context), self.exact_batch, config.max_tokens - gen.stats.n_generated + 1)
+                # more pending tokens than the reply can still emit. A held bonus (greedy cospec)
+                # is pending but takes the place of the last committed token in the target's
+                # batch (the target has read the whole context), so the batch holds one more.
+                held = int(bool(gen.pending) and gen.proposed_by[0] is mode.held_bonus)
+                room = min(self.n_ctx - len(gen.context), self.exact_batch + held,
+                           config.max_tokens - gen.stats.n_generated + 1)
                 if room <= 0:
                     finish = "context"
                     break

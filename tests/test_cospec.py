@@ -355,14 +355,17 @@ def test_greedy_cospec_makes_spec_s_model_calls(pair, policies):
     confidence stops, k drafted tokens per cycle, one draft call per drafted token (the call that
     reads a held bonus is the next cycle's first; at most one more reads the reply's last bonus)
     and one target call per cycle; a deferring policy gives spec's tokens."""
-    for prompt in PROMPTS[::2]:
-        spec, out = (greedy(pair, prompt, mode=mode, draft_max=4, adaptive=False, draft_p_min=0.0, policy=str(policies["defer"]))
-                     for mode in ("spec", "cospec"))
-        assert out.tokens == spec.tokens
-        s = out.stats
-        assert s.n_drafted <= s.model_calls["draft"] <= s.n_drafted + 1
-        assert s.model_calls["target"] == s.n_cycles
-        assert set(s.draft_lengths[:-1]) == {4}
+    # k = 6 fills the exact batch: a held bonus takes the place of spec's last committed token.
+    assert pair.engine.exact_batch == 7
+    for k in (4, 6):
+        for prompt in PROMPTS[::2]:
+            spec, out = (greedy(pair, prompt, mode=mode, draft_max=k, adaptive=False, draft_p_min=0.0,
+                                policy=str(policies["defer"])) for mode in ("spec", "cospec"))
+            assert out.tokens == spec.tokens
+            s = out.stats
+            assert s.n_drafted <= s.model_calls["draft"] <= s.n_drafted + 1
+            assert s.model_calls["target"] == s.n_cycles
+            assert set(s.draft_lengths[:-1]) == {k}
 
 
 def test_a_reply_cut_by_max_tokens_is_a_prefix_of_the_longer_one(pair):
