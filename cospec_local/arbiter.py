@@ -279,8 +279,7 @@ class ArbitratingVerifier:
         None when b stands; `_held_mismatch` says whether it was a deferred mismatch."""
         held = bundle.proposers[0]
         b = bundle.tokens[0]
-        slot = bundle.slots[held.draft_index]
-        d = slot.to_shared(int(np.argmax(bundle.logits(held.draft_index, 0))))
+        d = held.draft_choice  # the mode took the draft's argmax there when the draft read it
         self._held_mismatch = d != b
         if d != b and self._keep(bundle, 0, b, rng, x=d, q_row=bundle.probs(held.draft_index, 0)):
             return Verdict(0, d, ARBITRATED, [], mismatches=1, overrides=1)

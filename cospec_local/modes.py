@@ -341,7 +341,8 @@ class CoSpec(Mode):
             # mismatch, or a reply's last token: its end is then seen as early as in spec).
             slot.score(gen.context, gen.pending)
             b = gen.pending[0]
-            if slot.to_shared(int(np.argmax(slot.rows[0]))) == b and not gen.would_end(b) and gen.limit > 1:
+            self.held_bonus.draft_choice = slot.to_shared(int(np.argmax(slot.rows[0])))
+            if self.held_bonus.draft_choice == b and not gen.would_end(b) and gen.limit > 1:
                 self._k = self.model.propose(gen, self._draft_length(gen.limit - 1))
             return
         if not gen.pending and gen.limit > 0:

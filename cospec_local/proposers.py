@@ -197,6 +197,7 @@ class HeldBonus(Proposer):
     def __init__(self, name: str, draft_index: int):
         self.name = name
         self.draft_index = draft_index
+        self.draft_choice = -1  # the draft's own token at the held position (set when it has read it)
 
     def proposal_probs(self, bundle, j: int):
         return OneHotProposal(bundle.tokens[j])
